@@ -1,0 +1,99 @@
+"""Server settings: one frozen object, built once per process.
+
+Precedence: explicit argument (CLI flag) > environment variable > default.
+
+| env var          | default            | meaning                                              |
+|------------------|--------------------|------------------------------------------------------|
+| CORRAL_HOME      | /var/lib/corral    | state dir: database, template layers, sandbox dirs   |
+| CORRAL_HOST      | 127.0.0.1          | address the server listens on                        |
+| CORRAL_PORT      | 3000               | the one port for API, envd and sandbox ports         |
+| CORRAL_DOMAIN    | localhost          | `{port}-{sandboxID}.{domain}` host routing           |
+| CORRAL_API_KEY   | generated + stored | key accepted for the default team (`e2b_` + 40 hex)  |
+| CORRAL_BRIDGE    | corral0            | host bridge the sandboxes' veths attach to           |
+| CORRAL_SUBNET    | 10.201.0.0/16      | private pool sandbox addresses come from             |
+| CORRAL_RUNTIME   | crun               | OCI runtime binary                                   |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Settings", "load_settings"]
+
+_ENV = {
+    "home": ("CORRAL_HOME", Path, Path("/var/lib/corral")),
+    "host": ("CORRAL_HOST", str, "127.0.0.1"),
+    "port": ("CORRAL_PORT", int, 3000),
+    "domain": ("CORRAL_DOMAIN", str, "localhost"),
+    "api_key": ("CORRAL_API_KEY", str, None),
+    "bridge": ("CORRAL_BRIDGE", str, "corral0"),
+    "subnet": ("CORRAL_SUBNET", ipaddress.IPv4Network, ipaddress.IPv4Network("10.201.0.0/16")),
+    "runtime": ("CORRAL_RUNTIME", str, "crun"),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    home: Path
+    host: str
+    port: int
+    domain: str
+    api_key: str | None
+    bridge: str
+    subnet: ipaddress.IPv4Network
+    runtime: str
+
+    @property
+    def db_url(self) -> str:
+        return f"sqlite:///{self.home / 'corral.db'}"
+
+    @property
+    def layers_dir(self) -> Path:
+        return self.home / "layers"
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.home / "templates"
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.home / "sandboxes"
+
+    @property
+    def runtime_root(self) -> Path:
+        """State dir of the OCI runtime (`crun --root`), kept apart from other users of crun."""
+        return self.home / "runtime"
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        """The bridge's own address: sandboxes' default route and DNS server."""
+        return self.subnet.network_address + 1
+
+    @property
+    def netns_prefix(self) -> str:
+        return f"{self.bridge}-"
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from explicit overrides (None means unset), then the environment, then defaults."""
+    env = os.environ if env is None else env
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = set(overrides) - set(_ENV)
+    if unknown:
+        raise TypeError(f"unknown settings: {sorted(unknown)}")
+    values: dict[str, Any] = {}
+    for name, (var, kind, default) in _ENV.items():
+        if name in overrides:
+            raw = overrides[name]
+        elif env.get(var):
+            raw = env[var]
+        else:
+            values[name] = default
+            continue
+        values[name] = raw if isinstance(raw, kind) else kind(raw)
+    return Settings(**values)
