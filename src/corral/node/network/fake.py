@@ -1,0 +1,66 @@
+"""An in-memory `Network` for tests of code above the node: same allocation and naming, no kernel."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+from corral.core.errors import AlreadyExists, FailedPrecondition
+from corral.core.settings import Settings
+from corral.node.network.addressing import allocate_ip
+from corral.node.network.base import Attachment
+from corral.node.network.naming import netns_name, netns_path, sandbox_mac, veth_name
+
+__all__ = ["FakeNetwork"]
+
+
+class FakeNetwork:
+    """Behaves like `SandboxNetwork` towards its caller; `netns_path` points at nothing real."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = asyncio.Lock()
+        self._attached: dict[str, Attachment] = {}
+        self._cursor: ipaddress.IPv4Address | None = None
+        self.host_ready = False
+
+    async def ensure_host(self) -> None:
+        self.host_ready = True
+
+    async def attach(self, sandbox_id: str, allow_internet: bool) -> Attachment:
+        name = netns_name(self.settings.netns_prefix, sandbox_id)
+        if not self.host_ready:
+            raise FailedPrecondition("ensure_host() must run before attach()")
+        async with self._lock:
+            if sandbox_id in self._attached:
+                raise AlreadyExists(f"sandbox {sandbox_id} already has a network")
+            ip = allocate_ip(
+                self.settings.subnet, {a.ip for a in self._attached.values()}, after=self._cursor
+            )
+            self._cursor = ip
+            att = Attachment(
+                sandbox_id=sandbox_id,
+                netns_name=name,
+                netns_path=netns_path(name),
+                ip=ip,
+                prefixlen=self.settings.subnet.prefixlen,
+                gateway=self.settings.gateway,
+                veth_host=veth_name(self.settings.bridge, sandbox_id),
+                mac=sandbox_mac(ip),
+                allow_internet=allow_internet,
+            )
+            self._attached[sandbox_id] = att
+            return att
+
+    async def detach(self, sandbox_id: str) -> None:
+        async with self._lock:
+            self._attached.pop(sandbox_id, None)
+
+    async def list_attached(self) -> dict[str, Attachment]:
+        return dict(self._attached)
+
+    async def used_ips(self) -> set[ipaddress.IPv4Address]:
+        return {a.ip for a in self._attached.values()}
+
+    async def close(self) -> None:
+        pass
