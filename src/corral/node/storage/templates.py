@@ -1,0 +1,170 @@
+"""Template manifests on disk: what a template is made of and how big its sandboxes are.
+
+A template is an ordered stack of read-only layer directories (lowest first) that become the
+`lowerdir`s of each sandbox's overlay, plus the defaults a sandbox of it starts with. Each template
+is one JSON file, `templates_dir/<template_id>.json`, written atomically (temp file + `os.replace`),
+so a reader never sees half a manifest and the server can read them without a database.
+
+Layers live in `layers_dir/<digest>`, named by a sha256 digest of whatever produced them (a recipe
+or a build step's cache key), so the same content is never built or stored twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from corral.core.errors import AlreadyExists, Internal, InvalidArgument, NotFound
+from corral.core.settings import Settings
+
+__all__ = [
+    "DEFAULT_TAG",
+    "TemplateManifest",
+    "TemplateStore",
+    "is_layer_digest",
+    "new_build_id",
+    "now_rfc3339",
+    "parse_template_ref",
+]
+
+DEFAULT_TAG = "default"
+
+# Template ids become file names, so they are kept to a safe alphabet (E2B ids are [a-z0-9]).
+_TEMPLATE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_LAYER_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def now_rfc3339() -> str:
+    """The current UTC time as RFC 3339 with a `Z` suffix, e.g. `2025-05-20T10:11:12.345Z`."""
+    now = datetime.datetime.now(datetime.UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def new_build_id() -> str:
+    return str(uuid.uuid4())
+
+
+def is_layer_digest(value: str) -> bool:
+    return bool(_LAYER_DIGEST_RE.match(value))
+
+
+def parse_template_ref(ref: str) -> tuple[str, str]:
+    """Split `name[:tag]` into (name, tag); the tag defaults to `default`."""
+    name, sep, tag = ref.partition(":")
+    return name, (tag if sep else DEFAULT_TAG)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TemplateManifest:
+    template_id: str
+    names: tuple[str, ...]
+    layers: tuple[str, ...]  # layer digests, lowest first; each is a read-only dir layers_dir/<digest>
+    cpu_count: int = 2
+    memory_mb: int = 512
+    disk_size_mb: int = 2048
+    default_user: str = "user"
+    default_workdir: str = "/home/user"
+    created_at: str = dataclasses.field(default_factory=now_rfc3339)
+    build_id: str = dataclasses.field(default_factory=new_build_id)
+
+    def __post_init__(self) -> None:
+        if not _TEMPLATE_ID_RE.match(self.template_id):
+            raise InvalidArgument(f"invalid template id {self.template_id!r}")
+        for digest in self.layers:
+            if not is_layer_digest(digest):
+                raise InvalidArgument(f"invalid layer digest {digest!r} in template '{self.template_id}'")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TemplateManifest:
+        # Unknown keys are ignored so that a newer server's manifests stay readable by an older one.
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["names"] = tuple(values.get("names", ()))
+        values["layers"] = tuple(values.get("layers", ()))
+        return cls(**values)
+
+
+class TemplateStore:
+    """Reads and writes template manifests under `settings.templates_dir`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._templates_dir = settings.templates_dir
+        self._layers_dir = settings.layers_dir
+
+    def layer_path(self, digest: str) -> Path:
+        if not is_layer_digest(digest):
+            raise InvalidArgument(f"invalid layer digest {digest!r}")
+        return self._layers_dir / digest
+
+    def list(self) -> list[TemplateManifest]:
+        """All templates, oldest first."""
+        if not self._templates_dir.is_dir():
+            return []
+        manifests = [
+            self._read(path)
+            for path in self._templates_dir.glob("*.json")
+            if _TEMPLATE_ID_RE.match(path.stem)  # skips `.tmp-*` files of a write in progress
+        ]
+        return sorted(manifests, key=lambda m: (m.created_at, m.template_id))
+
+    def get(self, id_or_name: str) -> TemplateManifest:
+        """Look a template up by id, `name` or `name:default`."""
+        name, tag = parse_template_ref(id_or_name)
+        if tag == DEFAULT_TAG:
+            if _TEMPLATE_ID_RE.match(name):
+                path = self._templates_dir / f"{name}.json"
+                if path.is_file():
+                    return self._read(path)
+            for manifest in self.list():
+                if name in manifest.names:
+                    return manifest
+        raise NotFound(f"template '{id_or_name}' not found")
+
+    def save(self, manifest: TemplateManifest) -> None:
+        """Write (or replace) a manifest atomically. A name belongs to one template only."""
+        for other in self.list():
+            if other.template_id != manifest.template_id:
+                taken = set(other.names) & set(manifest.names)
+                if taken:
+                    raise AlreadyExists(
+                        f"template name '{min(taken)}' is already used by template '{other.template_id}'"
+                    )
+        self._templates_dir.mkdir(parents=True, exist_ok=True)
+        target = self._templates_dir / f"{manifest.template_id}.json"
+        fd, tmp = tempfile.mkstemp(dir=self._templates_dir, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(manifest.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def delete(self, template_id: str) -> None:
+        """Remove a template's manifest (its layers stay: other templates may share them)."""
+        if not _TEMPLATE_ID_RE.match(template_id):
+            raise NotFound(f"template '{template_id}' not found")
+        try:
+            (self._templates_dir / f"{template_id}.json").unlink()
+        except FileNotFoundError:
+            raise NotFound(f"template '{template_id}' not found") from None
+
+    @staticmethod
+    def _read(path: Path) -> TemplateManifest:
+        try:
+            return TemplateManifest.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError, AttributeError, InvalidArgument) as e:
+            raise Internal(f"template manifest {path} is unreadable: {e}") from e
