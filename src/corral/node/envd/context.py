@@ -1,0 +1,41 @@
+"""What the envd service knows about one sandbox.
+
+The proxy puts an `EnvdSandbox` into the ASGI scope under `SCOPE_KEY` before it hands a request
+to the envd app; every envd handler reads it from there (`sandbox_from_scope`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from corral.node.envd.confined import ConfinedRoot
+    from corral.node.envd.process import ProcessTable
+    from corral.node.runtime.base import Spawner
+
+__all__ = ["EnvdSandbox", "SCOPE_KEY", "sandbox_from_scope"]
+
+SCOPE_KEY = "corral.sandbox"
+
+
+@dataclasses.dataclass(eq=False)
+class EnvdSandbox:
+    sandbox_id: str
+    template_id: str
+    access_token: str | None  # None = not secured: no X-Access-Token / signature checks
+    env_vars: Mapping[str, str]  # create-time envVars (E2B_SANDBOX* are added by the service)
+    root: ConfinedRoot  # confined access to the sandbox's file tree
+    spawner: Spawner  # starts processes inside the sandbox
+    processes: ProcessTable  # processes started through envd
+
+    def default_env(self) -> dict[str, str]:
+        """Sandbox-level env vars every process gets (e2b-protocol.md §6.3), also served by GET /envs."""
+        env = {"E2B_SANDBOX": "true", "E2B_SANDBOX_ID": self.sandbox_id, "E2B_TEMPLATE_ID": self.template_id}
+        env.update(self.env_vars)
+        return env
+
+
+def sandbox_from_scope(scope: MutableMapping[str, Any]) -> EnvdSandbox:
+    return scope[SCOPE_KEY]

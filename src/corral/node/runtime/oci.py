@@ -1,0 +1,193 @@
+"""OCI runtime configs as data: `build_sandbox_config` for a sandbox's init and `build_exec_process`
+for every process envd starts in it. Pure functions; nothing here touches the host.
+
+Isolation defaults (why each is there):
+- namespaces pid, mount, network (pre-made netns), uts (hostname = sandbox id), ipc, cgroup;
+- capabilities: the small set a Linux user expects from a sandbox where `sudo` works (chown, setuid,
+  kill, bind low ports …) but never SYS_ADMIN, SYS_MODULE, SYS_PTRACE, NET_RAW, NET_ADMIN, SYS_TIME, MKNOD;
+- masked and read-only /proc and /sys paths as runc does;
+- rlimits kept within the host's hard limits (no CAP_SYS_RESOURCE here);
+- cpu/memory/pids limits in the sandbox's own cgroup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from corral.node.runtime.base import PtySize, UserIds
+
+__all__ = [
+    "SANDBOX_CAPABILITIES",
+    "INIT_PATH",
+    "build_sandbox_config",
+    "build_exec_process",
+]
+
+INIT_PATH = "/.corral/init"  # catatonit bind-mounted read-only from the host, run as `init -P`
+
+SANDBOX_CAPABILITIES = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_AUDIT_WRITE",
+    "CAP_SETFCAP",
+)
+
+_MASKED_PATHS = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+)
+# null, zero, full, random, urandom, tty, ptmx: what crun creates in the sandbox's /dev.
+_DEVICES = ((1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 2))
+_READONLY_PATHS = (
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+)
+
+
+def _capabilities() -> dict[str, list[str]]:
+    caps = list(SANDBOX_CAPABILITIES)
+    return {"bounding": caps, "effective": caps, "permitted": caps}
+
+
+def _rlimits(nofile_hard: int) -> list[dict[str, Any]]:
+    nofile = min(nofile_hard, 1 << 20)
+    return [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": min(nofile, 16384)}]
+
+
+def build_sandbox_config(
+    *,
+    sandbox_id: str,
+    rootfs: str,
+    netns_path: str,
+    init_binary: str,
+    etc_files: Mapping[str, str],
+    cpu_count: int,
+    memory_mb: int,
+    pids_limit: int,
+    nofile_hard: int,
+    cgroups_path: str,
+) -> dict[str, Any]:
+    """The config.json of a sandbox container whose PID 1 is a reaper that never exits.
+
+    `etc_files` maps sandbox paths (/etc/hosts, /etc/resolv.conf, /etc/hostname) to host files bound
+    over them; the runtime resolves mount destinations inside the rootfs, so a template cannot redirect
+    them to the host with symlinks.
+    """
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        },
+        {
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        },
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {
+            "destination": "/sys/fs/cgroup",
+            "type": "cgroup",
+            "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+        },
+        {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=755"]},
+        {"destination": INIT_PATH, "type": "bind", "source": init_binary, "options": ["rbind", "ro", "nosuid", "nodev"]},
+    ]
+    for dest, source in sorted(etc_files.items()):
+        mounts.append({"destination": dest, "type": "bind", "source": source, "options": ["rbind", "ro", "nosuid", "nodev"]})
+    cpu_period = 100_000
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": [INIT_PATH, "-P"],
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "cwd": "/",
+            "capabilities": _capabilities(),
+            "rlimits": _rlimits(nofile_hard),
+            "noNewPrivileges": False,
+            "oomScoreAdj": 0,
+        },
+        "root": {"path": rootfs, "readonly": False},
+        "hostname": sandbox_id,
+        "mounts": mounts,
+        "linux": {
+            "namespaces": [
+                {"type": "pid"},
+                {"type": "network", "path": netns_path},
+                {"type": "ipc"},
+                {"type": "uts"},
+                {"type": "mount"},
+                {"type": "cgroup"},
+            ],
+            "cgroupsPath": cgroups_path,
+            "resources": {
+                "devices": [{"allow": False, "access": "rwm"}]
+                + [{"allow": True, "type": "c", "major": ma, "minor": mi, "access": "rwm"} for ma, mi in _DEVICES]
+                + [{"allow": True, "type": "c", "major": 136, "access": "rwm"}],  # /dev/pts/*
+                "memory": {"limit": memory_mb * 1024 * 1024},
+                "cpu": {"quota": cpu_count * cpu_period, "period": cpu_period},
+                "pids": {"limit": pids_limit},
+            },
+            "maskedPaths": list(_MASKED_PATHS),
+            "readonlyPaths": list(_READONLY_PATHS),
+        },
+    }
+
+
+def build_exec_process(
+    *,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: str,
+    user: UserIds,
+    pty: PtySize | None,
+    nofile_hard: int,
+) -> dict[str, Any]:
+    """The `process` object for `crun exec --process`: same capabilities and limits as the sandbox."""
+    process: dict[str, Any] = {
+        "terminal": pty is not None,
+        "user": {"uid": user.uid, "gid": user.gid, "additionalGids": list(user.groups)},
+        "args": list(argv),
+        "env": [f"{k}={v}" for k, v in env.items()],
+        "cwd": cwd,
+        "capabilities": _capabilities() if user.uid == 0 else {"bounding": list(SANDBOX_CAPABILITIES)},
+        "rlimits": _rlimits(nofile_hard),
+        "noNewPrivileges": False,
+    }
+    if pty is not None:
+        process["consoleSize"] = {"height": pty.rows, "width": pty.cols}
+    return process

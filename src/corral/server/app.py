@@ -1,0 +1,107 @@
+"""The composition root of `corral server`: `create_app(settings)` builds every part once and wires them.
+
+One ASGI app serves the one port: requests for a sandbox (by Host or E2b-Sandbox-* headers) go to
+the proxy, everything else to the control-plane API. Startup re-adopts sandboxes that kept running
+while the server was down; shutdown leaves sandboxes running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+
+from corral.core.errors import NotFound
+from corral.core.settings import Settings
+from corral.node.envd.app import build_envd_app
+from corral.node.envd.context import EnvdSandbox
+from corral.node.network import SandboxNetwork
+from corral.node.runtime.crun import OciRuntime
+from corral.node.sandboxes import Node
+from corral.node.storage.templates import TemplateStore
+from corral.server.api import build_api
+from corral.server.proxy import SandboxProxy, route_target, scope_headers
+from corral.server.service import SandboxService
+from corral.server.store import SandboxRow, Store
+
+__all__ = ["CorralApp", "create_app"]
+
+log = logging.getLogger(__name__)
+
+
+class CorralApp:
+    """The ASGI app. `on_ready(api_key)` is called once startup has finished."""
+
+    def __init__(self, settings: Settings, on_ready: Callable[[str], None] | None = None) -> None:
+        self.settings = settings
+        self.on_ready = on_ready
+        self.store = Store(settings)
+        self.templates = TemplateStore(settings)
+        self.runtime = OciRuntime(settings.runtime, settings.runtime_root)
+        self.network = SandboxNetwork(settings)
+        self.node = Node(settings, self.runtime, self.network, self.templates)
+        self.service = SandboxService(settings, self.store, self.node, self.templates, SandboxRow)
+        self.api = build_api(self.service, self.store, settings)
+        self.proxy = SandboxProxy(self.node, build_envd_app(self._envd_lookup))
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.api_key = ""
+
+    def _envd_lookup(self, headers: Mapping[str, str]) -> EnvdSandbox:
+        sandbox_id = headers.get("e2b-sandbox-id", "")
+        if sandbox_id not in self.node:
+            raise NotFound(f"sandbox '{sandbox_id}' not found")
+        return self.node.get(sandbox_id).envd
+
+    async def startup(self) -> None:
+        self.store.migrate()
+        self.api_key = self.store.ensure_default_team(self.settings.api_key)
+        await self.node.start()
+        adopted, lost = await self.service.reconcile()
+        if adopted or lost:
+            log.warning("re-adopted %d running sandbox(es); %d were gone", len(adopted), len(lost))
+        self._tasks.append(asyncio.create_task(self.service.run_expiry(), name="sandbox-expiry"))
+        if self.on_ready is not None:
+            self.on_ready(self.api_key)
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.proxy.aclose()
+        await self.node.close()
+        self.store.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        target = route_target(scope_headers(scope), self.settings.domain)
+        if target is not None:
+            await self.proxy(scope, receive, send, target)
+        else:
+            await self.api(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app(settings: Settings, on_ready: Callable[[str], None] | None = None) -> CorralApp:
+    return CorralApp(settings, on_ready)
