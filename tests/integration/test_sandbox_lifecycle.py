@@ -1,0 +1,139 @@
+"""Real sandboxes through a real server: nothing is left behind, sandboxes are isolated, a restart
+re-adopts running sandboxes, and bad input gets clear errors."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from e2b import Sandbox
+
+from tests.conftest import TEST_BRIDGE, TEST_HOME, ServerProcess
+
+pytestmark = pytest.mark.integration
+
+
+def _host_traces(sandbox_id: str) -> list[str]:
+    """Everything a sandbox may leave on the host, as human-readable findings."""
+    found = []
+    mounts = Path("/proc/self/mountinfo").read_text()
+    if sandbox_id in mounts:
+        found.append("mount")
+    for controller in ("memory", "pids", "cpu", "freezer"):
+        if (Path("/sys/fs/cgroup") / controller / f"corral-{TEST_BRIDGE}" / sandbox_id).exists():
+            found.append(f"cgroup {controller}")
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    if sandbox_id in netns:
+        found.append("netns")
+    if (TEST_HOME / "sandboxes" / sandbox_id).exists():
+        found.append("sandbox dir")
+    crun = subprocess.run(
+        ["crun", "--root", str(TEST_HOME / "runtime"), "list", "-q"], capture_output=True, text=True
+    ).stdout
+    if sandbox_id in crun.split():
+        found.append("container")
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    if sandbox_id in ps:
+        found.append("process")
+    return found
+
+
+def test_kill_leaves_nothing_behind(e2b_env: ServerProcess) -> None:
+    sbx = Sandbox.create(timeout=60)
+    assert sbx.commands.run("echo hi").stdout == "hi\n"
+    assert "container" in _host_traces(sbx.sandbox_id)
+    veths_before = subprocess.run(
+        ["ip", "-o", "link", "show", "master", TEST_BRIDGE], capture_output=True, text=True
+    ).stdout
+    sbx.kill()
+    assert _host_traces(sbx.sandbox_id) == []
+    veths_after = subprocess.run(
+        ["ip", "-o", "link", "show", "master", TEST_BRIDGE], capture_output=True, text=True
+    ).stdout
+    assert len(veths_after.splitlines()) == len(veths_before.splitlines()) - 1
+
+
+def test_sandboxes_are_isolated(e2b_env: ServerProcess) -> None:
+    a = Sandbox.create(timeout=60)
+    b = Sandbox.create(timeout=60)
+    try:
+        a.commands.run("echo secret-a > /tmp/mine; sleep 300", background=True)
+        time.sleep(0.3)
+        assert "sleep 300" not in b.commands.run("ps -eo args").stdout
+        assert "sleep 300" in a.commands.run("ps -eo args").stdout
+        assert b.commands.run("cat /tmp/mine 2>&1 || true").stdout.startswith("cat: /tmp/mine: No such file")
+        assert a.commands.run("hostname").stdout.strip() == a.sandbox_id
+        ip_b = b.commands.run("hostname -I").stdout.split()[0]
+        reach = a.commands.run(f"timeout 2 bash -c 'echo > /dev/tcp/{ip_b}/22' 2>&1; echo rc=$?").stdout
+        assert "rc=0" not in reach
+    finally:
+        a.kill()
+        b.kill()
+
+
+def test_restart_readopts_running_sandbox(e2b_env: ServerProcess) -> None:
+    sbx = Sandbox.create(timeout=120)
+    try:
+        sbx.files.write("/tmp/before-restart", "still here")
+        sbx.commands.run("sleep 1000", background=True)
+        e2b_env.restart(signal.SIGKILL)
+        same = Sandbox.connect(sbx.sandbox_id)
+        assert same.files.read("/tmp/before-restart") == "still here"
+        assert "sleep 1000" in same.commands.run("ps -eo args").stdout
+        assert same.commands.run("echo alive").stdout == "alive\n"
+    finally:
+        sbx.kill()
+
+
+def test_client_disconnect_does_not_kill_command(e2b_env: ServerProcess) -> None:
+    sbx = Sandbox.create(timeout=60)
+    try:
+        handle = sbx.commands.run("sleep 2; echo done > /tmp/finished", background=True)
+        handle.disconnect()
+        time.sleep(3)
+        assert sbx.files.read("/tmp/finished") == "done\n"
+    finally:
+        sbx.kill()
+
+
+def test_bad_input_gets_clear_errors(e2b_env: ServerProcess) -> None:
+    with e2b_env.api() as api:
+        r = api.post("/sandboxes", json={"templateID": "no-such-template"})
+        assert r.status_code in (400, 404) and "no-such-template" in r.json()["message"]
+        r = api.get("/sandboxes/doesnotexist")
+        assert r.status_code == 404 and r.json()["code"] == 404
+        r = api.post("/sandboxes", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400
+    for headers in ({}, {"X-API-Key": "e2b_" + "0" * 40}):
+        r = httpx.get(f"{e2b_env.url}/v2/sandboxes", headers=headers)
+        assert r.status_code == 401 and r.json()["code"] == 401
+    r = httpx.get(
+        f"{e2b_env.url}/health", headers={"E2b-Sandbox-Id": "doesnotexist", "E2b-Sandbox-Port": "49983"}
+    )
+    assert r.status_code == 502
+    assert r.json() == {"sandboxId": "doesnotexist", "message": "The sandbox was not found", "code": 502}
+
+
+def test_envd_requires_access_token(e2b_env: ServerProcess) -> None:
+    sbx = Sandbox.create(timeout=60)
+    try:
+        headers = {
+            "E2b-Sandbox-Id": sbx.sandbox_id,
+            "E2b-Sandbox-Port": "49983",
+            "Content-Type": "application/json",
+        }
+        r = httpx.post(f"{e2b_env.url}/process.Process/List", headers=headers, content=b"{}")
+        assert r.status_code == 401
+        r = httpx.post(
+            f"{e2b_env.url}/process.Process/List",
+            headers=headers | {"X-Access-Token": "wrong"},
+            content=b"{}",
+        )
+        assert r.status_code == 401
+        assert httpx.get(f"{e2b_env.url}/health", headers=headers).status_code == 204
+    finally:
+        sbx.kill()
