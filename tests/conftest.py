@@ -125,9 +125,7 @@ def corral_server() -> Iterator[ServerProcess]:
 def e2b_env(corral_server: ServerProcess) -> Iterator[ServerProcess]:
     """Point the official e2b SDK at the test server."""
     saved = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY", "E2B_DOMAIN")}
-    os.environ.update(
-        E2B_API_URL=corral_server.url, E2B_SANDBOX_URL=corral_server.url, E2B_API_KEY=TEST_API_KEY
-    )
+    os.environ.update(E2B_API_URL=corral_server.url, E2B_SANDBOX_URL=corral_server.url, E2B_API_KEY=TEST_API_KEY)
     os.environ.pop("E2B_DOMAIN", None)
     try:
         yield corral_server

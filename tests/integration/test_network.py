@@ -445,6 +445,15 @@ async def test_detach_is_complete_and_idempotent(env: Env) -> None:
     assert await set_elements("inet", "no_egress") == [] and env.c.netns_name not in netns_names()
 
 
+async def test_attach_over_the_leftovers_of_a_crash(env: Env) -> None:
+    await sh("ip", "netns", "add", f"{BRIDGE}-crashed")  # a namespace without a port
+    att = await env.net.attach("crashed", allow_internet=True)
+    try:
+        assert (await dns(att.netns_name, "deb.debian.org")).startswith("dns NOERROR")
+    finally:
+        await env.net.detach("crashed")
+
+
 async def test_reconcile_removes_what_nobody_keeps(env: Env) -> None:
     await sh("ip", "netns", "add", f"{BRIDGE}-orphan1")  # a namespace without a port (crash)
     removed = await env.net.reconcile(keep={"sbxa"})

@@ -31,9 +31,7 @@ def _host_traces(sandbox_id: str) -> list[str]:
         found.append("netns")
     if (TEST_HOME / "sandboxes" / sandbox_id).exists():
         found.append("sandbox dir")
-    crun = subprocess.run(
-        ["crun", "--root", str(TEST_HOME / "runtime"), "list", "-q"], capture_output=True, text=True
-    ).stdout
+    crun = subprocess.run(["crun", "--root", str(TEST_HOME / "runtime"), "list", "-q"], capture_output=True, text=True).stdout
     if sandbox_id in crun.split():
         found.append("container")
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
@@ -46,14 +44,10 @@ def test_kill_leaves_nothing_behind(e2b_env: ServerProcess) -> None:
     sbx = Sandbox.create(timeout=60)
     assert sbx.commands.run("echo hi").stdout == "hi\n"
     assert "container" in _host_traces(sbx.sandbox_id)
-    veths_before = subprocess.run(
-        ["ip", "-o", "link", "show", "master", TEST_BRIDGE], capture_output=True, text=True
-    ).stdout
+    veths_before = subprocess.run(["ip", "-o", "link", "show", "master", TEST_BRIDGE], capture_output=True, text=True).stdout
     sbx.kill()
     assert _host_traces(sbx.sandbox_id) == []
-    veths_after = subprocess.run(
-        ["ip", "-o", "link", "show", "master", TEST_BRIDGE], capture_output=True, text=True
-    ).stdout
+    veths_after = subprocess.run(["ip", "-o", "link", "show", "master", TEST_BRIDGE], capture_output=True, text=True).stdout
     assert len(veths_after.splitlines()) == len(veths_before.splitlines()) - 1
 
 
@@ -111,9 +105,7 @@ def test_bad_input_gets_clear_errors(e2b_env: ServerProcess) -> None:
     for headers in ({}, {"X-API-Key": "e2b_" + "0" * 40}):
         r = httpx.get(f"{e2b_env.url}/v2/sandboxes", headers=headers)
         assert r.status_code == 401 and r.json()["code"] == 401
-    r = httpx.get(
-        f"{e2b_env.url}/health", headers={"E2b-Sandbox-Id": "doesnotexist", "E2b-Sandbox-Port": "49983"}
-    )
+    r = httpx.get(f"{e2b_env.url}/health", headers={"E2b-Sandbox-Id": "doesnotexist", "E2b-Sandbox-Port": "49983"})
     assert r.status_code == 502
     assert r.json() == {"sandboxId": "doesnotexist", "message": "The sandbox was not found", "code": 502}
 

@@ -88,3 +88,7 @@ def server(
         timeout_graceful_shutdown=2,
     )
     sys.exit(0)
+
+
+if __name__ == "__main__":
+    app()

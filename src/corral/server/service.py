@@ -118,8 +118,10 @@ class SandboxService:
 
     async def _kill(self, sandbox_id: str, reason: str) -> None:
         async with self._lock(sandbox_id):
-            await self.node.destroy(sandbox_id)
+            # The record flips first, so the API never shows a sandbox the proxy no longer serves;
+            # if we crash before the resources are gone, reconcile removes them as strays.
             self.store.mark_killed(sandbox_id, reason)
+            await self.node.destroy(sandbox_id)
         self._locks.pop(sandbox_id, None)
 
     async def set_timeout(self, team_id: str, sandbox_id: str, seconds: int) -> None:

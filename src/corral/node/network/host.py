@@ -187,6 +187,8 @@ class SandboxNetwork:
                 att = self._attachment(sandbox_id, ip, allow_internet)
                 self._pending[sandbox_id] = att
             try:
+                if os.path.lexists(att.netns_path):  # left by a crash mid-attach: start clean
+                    await self._unwire(att.netns_name, att.veth_host, await self._lookup(sandbox_id))
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._add_elements(att))
                     tg.create_task(self._wire(att))
@@ -399,3 +401,5 @@ def _write_sysctl(key: str, value: str) -> None:
             path.write_text(value)
     except FileNotFoundError:
         pass  # e.g. IPv6 compiled out: nothing to disable
+    except OSError as exc:  # e.g. a read-only /proc/sys in an unprivileged container
+        raise FailedPrecondition(f"cannot set {key.replace('/', '.')}={value}: {exc}") from None
