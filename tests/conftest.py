@@ -22,8 +22,9 @@ import httpx
 import pytest
 
 TEST_HOME = Path(os.environ.get("CORRAL_TEST_HOME", "/var/lib/corral-test"))
-TEST_BRIDGE = "crltest0"
-TEST_SUBNET = "10.202.0.0/16"
+# Separate runs on one machine (a developer's and CI's) must differ in all three.
+TEST_BRIDGE = os.environ.get("CORRAL_TEST_BRIDGE", "crltest0")
+TEST_SUBNET = os.environ.get("CORRAL_TEST_SUBNET", "10.202.0.0/16")
 TEST_API_KEY = "e2b_" + "7e57" * 10
 DEFAULT_HOME = Path("/var/lib/corral")
 
