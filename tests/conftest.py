@@ -36,23 +36,20 @@ def _free_port() -> int:
 
 
 def ensure_test_template() -> None:
-    """Seed the test home's `base` from the default home (hard links) or build it."""
-    from corral.builder.base import ensure_base_template
+    """Give the test home the current `base`: hard-link it from the default home when that has it
+    (`make test` builds it there first), else build it."""
+    from corral.builder.base import base_recipe_digest, ensure_base_template, host_extra_ca_certs
+    from corral.builder.base import _host_arch  # noqa: PLC2701 - the recipe digest needs the arch
     from corral.core.settings import load_settings
 
-    test_manifest = TEST_HOME / "templates" / "base.json"
-    default_manifest = DEFAULT_HOME / "templates" / "base.json"
-    if not test_manifest.exists() and default_manifest.exists():
-        import json
-
-        layers = json.loads(default_manifest.read_text())["layers"]
-        (TEST_HOME / "layers").mkdir(parents=True, exist_ok=True)
+    digest = base_recipe_digest(_host_arch(), host_extra_ca_certs())
+    source = DEFAULT_HOME / "layers" / digest
+    dest = TEST_HOME / "layers" / digest
+    if not dest.exists() and source.is_dir():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cp", "-al", str(source), str(dest)], check=True)
         (TEST_HOME / "templates").mkdir(parents=True, exist_ok=True)
-        for digest in layers:
-            dest = TEST_HOME / "layers" / digest
-            if not dest.exists():
-                subprocess.run(["cp", "-al", str(DEFAULT_HOME / "layers" / digest), str(dest)], check=True)
-        shutil.copy(default_manifest, test_manifest)
+        shutil.copy(DEFAULT_HOME / "templates" / "base.json", TEST_HOME / "templates" / "base.json")
     ensure_base_template(load_settings({"home": TEST_HOME}), log=lambda line: None)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import ipaddress
 import json
 import os
@@ -248,6 +249,14 @@ async def _make_fake_internet() -> None:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def env() -> AsyncIterator[Env]:
+    # Two runs of this module at once (two people's `make test`) would tear down each other's bridge.
+    with open(f"/run/lock/corral-test-{BRIDGE}.lock", "w") as lock:  # noqa: ASYNC230 (instant)
+        await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+        async for box in _env():
+            yield box
+
+
+async def _env() -> AsyncIterator[Env]:
     settings = load_settings({"bridge": BRIDGE, "subnet": str(SUBNET), "home": "/nonexistent"}, env={})
     loop = asyncio.get_running_loop()
     transport, upstream = await loop.create_datagram_endpoint(FakeUpstream, local_addr=("127.0.0.1", 0))

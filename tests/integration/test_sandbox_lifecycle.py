@@ -129,3 +129,18 @@ def test_envd_requires_access_token(e2b_env: ServerProcess) -> None:
         assert httpx.get(f"{e2b_env.url}/health", headers=headers).status_code == 204
     finally:
         sbx.kill()
+
+
+def test_package_installs_work_inside_a_sandbox(e2b_env: ServerProcess) -> None:
+    """Names resolve through the bridge's DNS forwarder, egress is NATed, and the host's extra CAs
+    (TLS-inspecting proxies) are trusted, so pip and npm work as on the host."""
+    sbx = Sandbox.create(timeout=120)
+    try:
+        out = sbx.commands.run(
+            "pip install --user --no-cache-dir --force-reinstall six 2>&1 | tail -1 && npm view is-number version",
+            timeout=110,
+        ).stdout
+        assert "Successfully installed six" in out
+        assert out.strip().splitlines()[-1][0].isdigit()
+    finally:
+        sbx.kill()

@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from corral.core.errors import FailedPrecondition, Internal, NotFound
@@ -89,6 +89,17 @@ chmod 0777 /usr/local
 mkdir -p /code
 chmod 0777 /code
 [ -e /usr/bin/python ] || ln -s /usr/bin/python3 /usr/local/bin/python
+# Like E2B's python image: `pip install` works (as user it falls back to ~/.local).
+rm -f /usr/lib/python3*/EXTERNALLY-MANAGED
+# CAs the host trusts beyond Debian's (e.g. a TLS-inspecting egress proxy), copied in by a hook, so
+# pip/npm/curl inside sandboxes work wherever the host's own clients do.
+if ls /usr/local/share/ca-certificates/corral-host/*.crt >/dev/null 2>&1; then
+    update-ca-certificates >/dev/null
+    {
+        echo 'export NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt'
+        echo 'export REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt'
+    } > /etc/profile.d/corral-ca.sh
+fi
 rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin
 rm -rf /var/lib/apt/lists/*
 # mmdebstrap leaves the build host's resolver and name here; the runtime mounts the sandbox's own.
@@ -106,8 +117,31 @@ _TMP_PREFIX = ".tmp-base-"
 _LOCK_NAME = ".base.lock"
 
 
+def host_extra_ca_certs(
+    certs_dir: Path = Path("/etc/ssl/certs"), local_dir: Path = Path("/usr/local/share/ca-certificates")
+) -> dict[str, bytes]:
+    """CA certificates this host trusts beyond Debian's bundle: regular PEM files an admin put in
+    /etc/ssl/certs (Debian's own entries there are symlinks) and /usr/local/share/ca-certificates."""
+    found: dict[str, bytes] = {}
+    candidates = [p for p in sorted(certs_dir.glob("*")) if p.suffix in (".pem", ".crt")]
+    candidates += sorted(local_dir.rglob("*.crt")) if local_dir.is_dir() else []
+    for path in candidates:
+        if path.is_symlink() or not path.is_file() or path.name == "ca-certificates.crt":
+            continue
+        data = path.read_bytes()
+        if b"BEGIN CERTIFICATE" in data:
+            found[f"{path.stem}.crt"] = data
+    return found
+
+
 def recipe_digest(
-    *, suite: str, variant: str, packages: Iterable[str], customize_script: str, arch: str
+    *,
+    suite: str,
+    variant: str,
+    packages: Iterable[str],
+    customize_script: str,
+    arch: str,
+    extra_ca: Mapping[str, bytes] | None = None,
 ) -> str:
     """sha256 (hex) of the canonical JSON of a base recipe; package order and duplicates don't matter."""
     recipe = {
@@ -118,33 +152,46 @@ def recipe_digest(
         "packages": sorted(set(packages)),
         "customize_script": customize_script,
         "arch": arch,
+        "extra_ca": {name: hashlib.sha256(data).hexdigest() for name, data in sorted((extra_ca or {}).items())},
     }
     canonical = json.dumps(recipe, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def base_recipe_digest(arch: str) -> str:
+def base_recipe_digest(arch: str, extra_ca: Mapping[str, bytes] | None = None) -> str:
     return recipe_digest(
         suite=BASE_SUITE,
         variant=BASE_VARIANT,
         packages=BASE_PACKAGES,
         customize_script=CUSTOMIZE_SCRIPT,
         arch=arch,
+        extra_ca=extra_ca,
     )
 
 
 def mmdebstrap_argv(
-    *, suite: str, variant: str, packages: Sequence[str], customize_script: str, target: str
+    *,
+    suite: str,
+    variant: str,
+    packages: Sequence[str],
+    customize_script: str,
+    target: str,
+    ca_files: Sequence[str] = (),
 ) -> list[str]:
     """The mmdebstrap command that builds a recipe into the directory `target`."""
-    hook = f'chroot "$1" /bin/sh -c {shlex.quote(customize_script)}'
+    hooks = []
+    if ca_files:
+        ca_dir = "/usr/local/share/ca-certificates/corral-host"
+        hooks.append(f'mkdir -p "$1{ca_dir}"')
+        hooks.append("copy-in " + " ".join(shlex.quote(f) for f in ca_files) + f" {ca_dir}")
+    hooks.append(f'chroot "$1" /bin/sh -c {shlex.quote(customize_script)}')
     return [
         "mmdebstrap",
         "--mode=root",
         f"--variant={variant}",
         "--format=directory",
         f"--include={','.join(packages)}",
-        f"--customize-hook={hook}",
+        *(f"--customize-hook={hook}" for hook in hooks),
         suite,
         target,
     ]
@@ -220,17 +267,23 @@ def _run_streaming(argv: list[str], log: Callable[[str], object]) -> None:
         )
 
 
-def _build_layer(layers_dir: Path, digest: str, log: Callable[[str], object]) -> None:
+def _build_layer(layers_dir: Path, digest: str, extra_ca: Mapping[str, bytes], log: Callable[[str], object]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=layers_dir))
     try:
-        argv = mmdebstrap_argv(
-            suite=BASE_SUITE,
-            variant=BASE_VARIANT,
-            packages=BASE_PACKAGES,
-            customize_script=CUSTOMIZE_SCRIPT,
-            target=str(tmp),
-        )
-        _run_streaming(argv, log)
+        with tempfile.TemporaryDirectory(prefix="corral-ca-") as ca_dir:
+            ca_files = []
+            for name, data in sorted(extra_ca.items()):
+                (Path(ca_dir) / name).write_bytes(data)
+                ca_files.append(str(Path(ca_dir) / name))
+            argv = mmdebstrap_argv(
+                suite=BASE_SUITE,
+                variant=BASE_VARIANT,
+                packages=BASE_PACKAGES,
+                customize_script=CUSTOMIZE_SCRIPT,
+                target=str(tmp),
+                ca_files=ca_files,
+            )
+            _run_streaming(argv, log)
         passwd = (tmp / "etc/passwd").read_text()
         if not any(line.startswith("user:x:1000:1000:") for line in passwd.splitlines()):
             raise Internal("building the base template failed: the tree has no user 'user' with uid 1000")
@@ -244,7 +297,8 @@ def _build_layer(layers_dir: Path, digest: str, log: Callable[[str], object]) ->
 def ensure_base_template(settings: Settings, log: Callable[[str], object] = print) -> TemplateManifest:
     """Return the `base` template's manifest, building its layer first if it is missing."""
     store = TemplateStore(settings)
-    digest = base_recipe_digest(_host_arch())
+    extra_ca = host_extra_ca_certs()
+    digest = base_recipe_digest(_host_arch(), extra_ca)
     existing = _get_or_none(store)
     if existing is not None and existing.layers == (digest,) and store.layer_path(digest).is_dir():
         return existing
@@ -259,7 +313,9 @@ def ensure_base_template(settings: Settings, log: Callable[[str], object] = prin
         if not store.layer_path(digest).is_dir():
             log(f"building the base template (Debian {BASE_SUITE} via mmdebstrap; about 90 s, once)")
             started = time.monotonic()
-            _build_layer(layers_dir, digest, log)
+            if extra_ca:
+                log(f"adding the host's extra CA certificates to the template: {', '.join(sorted(extra_ca))}")
+            _build_layer(layers_dir, digest, extra_ca, log)
             log(f"built base layer {digest[:12]} in {time.monotonic() - started:.0f} s")
 
         existing = _get_or_none(store)

@@ -24,6 +24,7 @@ from corral.core.settings import Settings
 from corral.node.envd.confined import ConfinedRoot
 from corral.node.envd.context import EnvdSandbox
 from corral.node.envd.process import ProcessTable
+from corral.node.network import resolv_conf_text
 from corral.node.runtime.crun import OciRuntime, RuntimeSpawner
 from corral.node.runtime.oci import build_sandbox_config
 from corral.node.storage.mounts import apply_mount, overlay_mount, unmount
@@ -56,11 +57,11 @@ def _init_binary() -> str:
     raise Unavailable("no init for sandboxes: install the 'catatonit' package")
 
 
-def _etc_files(spec: SandboxSpec, gateway: str) -> dict[str, str]:
+def _etc_files(spec: SandboxSpec, settings: Settings) -> dict[str, str]:
     return {
         "hostname": f"{spec.sandbox_id}\n",
         "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{spec.sandbox_id}\n",
-        "resolv.conf": f"nameserver {gateway}\noptions edns0\n",
+        "resolv.conf": resolv_conf_text(settings),
     }
 
 
@@ -115,7 +116,7 @@ class Node:
             (path / sub).mkdir(parents=True, exist_ok=False)
         attachment = await self.network.attach(spec.sandbox_id, allow_internet=spec.allow_internet_access)
         etc = {}
-        for name, text in _etc_files(spec, str(attachment.gateway)).items():
+        for name, text in _etc_files(spec, self.settings).items():
             (path / "etc" / name).write_text(text)
             etc[f"/etc/{name}"] = str(path / "etc" / name)
         layers = [self.templates.layer_path(digest) for digest in spec.layers]
@@ -195,6 +196,7 @@ class Node:
         for sandbox_id in strays - set(lost):
             log.info("removing stray sandbox %s", sandbox_id)
             await self._cleanup(sandbox_id)
+        await self.network.reconcile(set(adopted))  # also half-made namespaces list_attached() skips
         return adopted, lost
 
     def _sandbox_dirs(self) -> set[str]:

@@ -86,7 +86,7 @@ def host_upstreams(path: str = "/etc/resolv.conf") -> list[str]:
 
 def resolv_conf_text(settings: Settings) -> str:
     """The /etc/resolv.conf every sandbox gets: the node's forwarder on the bridge, nothing else."""
-    return f"nameserver {settings.gateway}\noptions timeout:2 attempts:3\n"
+    return f"nameserver {settings.gateway}\noptions edns0 timeout:2 attempts:3\n"
 
 
 def _error_reply(request: DNSRecord, rcode: int) -> bytes:

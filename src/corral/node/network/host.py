@@ -5,15 +5,19 @@ bridge ports whose alias records `id, ip, internet`, and the nftables sets. A re
 rebuilds everything from those (`ensure_host`), so sandboxes that kept running keep their
 addresses, their policy and their connectivity.
 
-Concurrency: one asyncio lock guards the in-memory view (addresses in use, attachments) and every
-nftables write, so allocation is race-free and the set contents never go backwards; a per-sandbox
-lock orders attach/detach of the same id. The `ip` work of different sandboxes runs in parallel.
+Concurrency: one asyncio lock guards the in-memory view (addresses in use, attachments, attaches
+in progress) and the whole-ruleset rewrite of `ensure_host`, which renders the sets from that view;
+so allocation is race-free. Set elements are added and deleted outside the lock, in an order that
+keeps the sets right whichever way they interleave with a rewrite: an element is added only after
+its sandbox joined the view, and deleted only after it left it. A per-sandbox lock orders
+attach/detach of the same id. Everything else of different sandboxes runs in parallel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -112,6 +116,7 @@ class SandboxNetwork:
         self._sandbox_locks: dict[str, list] = {}  # id -> [lock, users]
         self._attached: dict[str, Attachment] = {}
         self._pending: dict[str, Attachment] = {}  # attach in progress: address reserved
+        self._releasing: dict[str, Attachment] = {}  # detach in progress: address still reserved
         self._cursor: IPv4 | None = None
         self._mtu = DEFAULT_MTU
         self._host_ready = False
@@ -188,15 +193,19 @@ class SandboxNetwork:
                 self._pending[sandbox_id] = att
             try:
                 if os.path.lexists(att.netns_path):  # left by a crash mid-attach: start clean
-                    await self._unwire(att.netns_name, att.veth_host, await self._lookup(sandbox_id))
+                    await self._unwire(att.netns_name, att.veth_host, await self._lookup_unowned(sandbox_id))
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._add_elements(att))
                     tg.create_task(self._wire(att))
             except BaseException as exc:
-                with contextlib.suppress(Exception):
-                    await self._unwire(att.netns_name, att.veth_host, att)
                 async with self._lock:
-                    self._pending.pop(sandbox_id, None)
+                    self._releasing[sandbox_id] = self._pending.pop(sandbox_id)
+                try:
+                    with contextlib.suppress(Exception):
+                        await self._unwire(att.netns_name, att.veth_host, att)
+                finally:
+                    async with self._lock:
+                        self._releasing.pop(sandbox_id, None)
                 if isinstance(exc, BaseExceptionGroup):
                     first = exc.exceptions[0]
                     raise (first if isinstance(first, Internal) else Internal(str(first))) from exc
@@ -211,10 +220,19 @@ class SandboxNetwork:
         ns = netns_name(self.netns_prefix, sandbox_id)
         veth = veth_name(self.bridge, sandbox_id)
         async with self._for_sandbox(sandbox_id):
-            att = self._attached.get(sandbox_id) or await self._lookup(sandbox_id)
-            await self._unwire(ns, veth, att)
-            async with self._lock:
-                self._attached.pop(sandbox_id, None)
+            async with self._lock:  # out of the rules' view first, address kept until the end
+                att = self._attached.pop(sandbox_id, None)
+                if att is not None:
+                    self._releasing[sandbox_id] = att
+            done = False
+            try:
+                await self._unwire(ns, veth, att or await self._lookup_unowned(sandbox_id))
+                done = True
+            finally:
+                async with self._lock:
+                    self._releasing.pop(sandbox_id, None)
+                    if att is not None and not done:  # still there: a retry must find it
+                        self._attached.setdefault(sandbox_id, att)
 
     async def list_attached(self) -> dict[str, Attachment]:
         """Sandboxes with a complete network on this bridge, read from the kernel."""
@@ -242,7 +260,7 @@ class SandboxNetwork:
     # -- internals -------------------------------------------------------------------------
 
     def _used(self) -> set[IPv4]:
-        return {a.ip for a in self._attached.values()} | {a.ip for a in self._pending.values()}
+        return {a.ip for d in (self._attached, self._pending, self._releasing) for a in d.values()}
 
     def _attachment(self, sandbox_id: str, ip: IPv4, allow_internet: bool) -> Attachment:
         name = netns_name(self.netns_prefix, sandbox_id)
@@ -308,21 +326,19 @@ class SandboxNetwork:
 
     async def _add_elements(self, att: Attachment) -> None:
         port = PortBinding(att.veth_host, att.mac, att.ip)
-        async with self._lock:
-            await self._nft_apply(render_add_elements(self.bridge, port, att.allow_internet))
+        await self._nft_apply(render_add_elements(self.bridge, port, att.allow_internet))
 
     async def _delete_elements(self, att: Attachment | PortInfo) -> None:
         veth = att.veth_host if isinstance(att, Attachment) else att.veth
         port = PortBinding(veth, att.mac, att.ip)
-        async with self._lock:
-            script = render_delete_elements(self.bridge, port, att.allow_internet)
-            result = await self._nft_run(script)
-            if result.returncode == 0:
-                return
-            for line in script.splitlines():  # one transaction fails if any element is missing
-                result = await self._nft_run(line + "\n")
-                if result.returncode != 0 and not nft_error_is_missing(result.stderr):
-                    raise Internal(f"nft: {result.stderr.strip()}")
+        script = render_delete_elements(self.bridge, port, att.allow_internet)
+        result = await self._nft_run(script)
+        if result.returncode == 0:
+            return
+        for line in script.splitlines():  # one transaction fails if any element is missing
+            result = await self._nft_run(line + "\n")
+            if result.returncode != 0 and not nft_error_is_missing(result.stderr):
+                raise Internal(f"nft: {result.stderr.strip()}")
 
     async def _apply_ruleset(self, host_networks: list[ipaddress.IPv4Network]) -> None:
         live = [*self._attached.values(), *self._pending.values()]
@@ -365,6 +381,17 @@ class SandboxNetwork:
             return None
         _, ip, allow_internet = parsed
         return PortInfo(sandbox_id, veth, sandbox_mac(ip), ip, allow_internet)
+
+    async def _lookup_unowned(self, sandbox_id: str) -> PortInfo | None:
+        """A port this process does not know (half-made, or from before a restart without
+        `ensure_host`). If its address now belongs to a live sandbox, the `no_egress` element is
+        that sandbox's: leave it, and delete only the port's own element."""
+        port = await self._lookup(sandbox_id)
+        if port is not None and not port.allow_internet:
+            async with self._lock:
+                if port.ip in self._used():
+                    port = dataclasses.replace(port, allow_internet=True)
+        return port
 
     async def _link(self, name: str, *, details: bool) -> dict | None:
         args = ["-json", *(["-d"] if details else []), "link", "show", "dev", name]
