@@ -38,11 +38,10 @@ def _free_port() -> int:
 def ensure_test_template() -> None:
     """Give the test home the current `base`: hard-link it from the default home when that has it
     (`make test` builds it there first), else build it."""
-    from corral.builder.base import base_recipe_digest, ensure_base_template, host_extra_ca_certs
-    from corral.builder.base import _host_arch  # noqa: PLC2701 - the recipe digest needs the arch
+    from corral.builder.base import ensure_base_template, host_base_digest
     from corral.core.settings import load_settings
 
-    digest = base_recipe_digest(_host_arch(), host_extra_ca_certs())
+    digest = host_base_digest()
     source = DEFAULT_HOME / "layers" / digest
     dest = TEST_HOME / "layers" / digest
     if not dest.exists() and source.is_dir():

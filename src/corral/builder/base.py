@@ -42,6 +42,7 @@ __all__ = [
     "CUSTOMIZE_SCRIPT",
     "RECIPE_KEY_VERSION",
     "base_recipe_digest",
+    "host_base_digest",
     "ensure_base_template",
     "mmdebstrap_argv",
     "recipe_digest",
@@ -167,6 +168,11 @@ def base_recipe_digest(arch: str, extra_ca: Mapping[str, bytes] | None = None) -
         arch=arch,
         extra_ca=extra_ca,
     )
+
+
+def host_base_digest() -> str:
+    """The digest of the `base` layer this host builds (its architecture and extra CAs included)."""
+    return base_recipe_digest(_host_arch(), host_extra_ca_certs())
 
 
 def mmdebstrap_argv(
