@@ -1,18 +1,24 @@
 """envd `process.Process`: processes started in a sandbox, their output fan-out, and the Connect service.
 
-A `ManagedProcess` pumps the output of one process to its current subscribers (each a bounded
-queue: a slow client slows the process down instead of growing server memory; with no subscriber
-the output is dropped, the process keeps running). A client that goes away never kills a process;
-only SendSignal, the process's lifetime limit (`connect-timeout-ms` on Start) or the sandbox's end do.
-Ended processes stay connectable for `RETAIN_ENDED_S`.
+A `ManagedProcess` pumps the output of one process to its current subscribers, each a bounded
+`OutputChannel`: a slow client slows the process down (the pipe fills and the process blocks on
+write) instead of growing server memory; with no subscriber the output is dropped and the process
+keeps running. A client that goes away never kills a process; only SendSignal, the process's
+lifetime limit (`connect-timeout-ms` on Start) or the sandbox's end do. Ended processes stay
+connectable for `RETAIN_ENDED_S`.
+
+Lifecycle of a ManagedProcess: running (`status is None`) → output EOF and exit status both seen
+(or, after a kill, exit status seen: descendants that keep the pipes open do not hold the end
+back) → `end` published to every subscriber → retained for `RETAIN_ENDED_S` → forgotten.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
-import dataclasses
+import logging
 import signal
 import stat
 import time
@@ -23,102 +29,190 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from protobuf import Oneof
 
-from corral.core.errors import CorralError, InvalidArgument, NotFound
+from corral.core.errors import CorralError, FailedPrecondition, InvalidArgument, NotFound
 from corral.core.sandbox import DEFAULT_USER
 from corral.node.envd.context import EnvdSandbox
 from corral.node.runtime._fdio import read_chunk
-from corral.node.runtime.base import ExitStatus, PtySize, SpawnRequest, UserIds
+from corral.node.runtime.base import ExitStatus, PtySize, SpawnedProcess, SpawnRequest, UserIds
 from corral.spec._generated.process import process_connect
 from corral.spec._generated.process import process_pb as pb
 
-__all__ = ["ManagedProcess", "ProcessTable", "ProcessService", "SandboxGone", "connect_error", "acting_username"]
+__all__ = [
+    "DEFAULT_KEEPALIVE_S",
+    "RETAIN_ENDED_S",
+    "ManagedProcess",
+    "OutputChannel",
+    "ProcessService",
+    "ProcessTable",
+    "SandboxGone",
+    "acting_username",
+    "connect_error",
+    "resolve_cwd",
+]
+
+log = logging.getLogger(__name__)
 
 RETAIN_ENDED_S = 30.0
 DEFAULT_KEEPALIVE_S = 90.0
-_QUEUE_CHUNKS = 16  # per subscriber: at most 16 × 64 KiB in flight
+CHANNEL_CHUNKS = 16  # per subscriber: at most 16 reads (≤ 64 KiB each) waiting to be sent
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_SIGNALS = {pb.Signal.SIGKILL: signal.SIGKILL, pb.Signal.SIGTERM: signal.SIGTERM}
 
 
 class SandboxGone(Exception):
     """The sandbox ended while a request was using it; its streams are cut at the transport level."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class _Data:
-    stream: str  # stdout | stderr | pty
-    data: bytes
+    __slots__ = ("data", "stream")
+
+    def __init__(self, stream: str, data: bytes) -> None:
+        self.stream = stream  # stdout | stderr | pty
+        self.data = data
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class _End:
-    status: ExitStatus
+    __slots__ = ("status",)
+
+    def __init__(self, status: ExitStatus) -> None:
+        self.status = status
 
 
-_GONE = object()
+_IDLE = object()  # OutputChannel.receive timed out
+
+
+class OutputChannel:
+    """One subscriber's bounded queue of process output, then the end.
+
+    `send` waits while the channel is full (back-pressure on the pump) and gives up, dropping the
+    item, once the receiver has gone (`close`). Items live in the deque until `receive` takes them,
+    so a receive that times out or is cancelled never loses one. `abort` (sandbox gone) makes the
+    next `receive` raise `SandboxGone` whatever is still queued.
+    """
+
+    def __init__(self, limit: int = CHANNEL_CHUNKS) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._limit = limit
+        self._closed = False
+        self._aborted = False
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+
+    async def send(self, item: Any) -> None:
+        while len(self._items) >= self._limit and not self._closed:
+            self._writable.clear()
+            await self._writable.wait()
+        self.send_final(item)
+
+    def send_final(self, item: Any) -> None:
+        """Queue without waiting (the end: it must follow the data, and it is tiny)."""
+        if not self._closed:
+            self._items.append(item)
+            self._readable.set()
+
+    async def receive(self, timeout: float | None) -> Any:
+        """The next item, or `_IDLE` when none came within `timeout` seconds."""
+        while not self._items and not self._aborted:
+            self._readable.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._readable.wait()
+            except TimeoutError:
+                return _IDLE
+        if self._aborted:
+            raise SandboxGone()
+        item = self._items.popleft()
+        self._writable.set()
+        return item
+
+    def close(self) -> None:
+        """The receiver went away: drop what is queued and never block a sender again."""
+        self._closed = True
+        self._items.clear()
+        self._writable.set()
+
+    def abort(self) -> None:
+        self._aborted = True
+        self._readable.set()
+        self.close()
 
 
 class ManagedProcess:
-    def __init__(self, proc: Any, config: pb.ProcessConfig, tag: str | None, pty: bool, stdin: bool) -> None:
+    def __init__(self, proc: SpawnedProcess, config: pb.ProcessConfig, tag: str | None, pty: bool) -> None:
         self.proc = proc
         self.pid: int = proc.pid
         self.config = config
         self.tag = tag
         self.is_pty = pty
-        self.stdin_open = stdin or pty
         self.status: ExitStatus | None = None
         self.ended_at: float | None = None
-        self._subscribers: set[asyncio.Queue[Any]] = set()
+        self.lifetime_expired = False
+        self._killed = asyncio.Event()  # a terminating signal was sent: stop waiting for output EOF
+        self._subscribers: set[OutputChannel] = set()
         self.done = asyncio.Event()
 
-    def subscribe(self) -> asyncio.Queue[Any]:
-        queue: asyncio.Queue[Any] = asyncio.Queue(_QUEUE_CHUNKS)
+    @property
+    def running(self) -> bool:
+        return self.status is None
+
+    def subscribe(self) -> OutputChannel:
+        channel = OutputChannel()
         if self.status is not None:
-            queue.put_nowait(_End(self.status))
+            channel.send_final(_End(self.status))
         else:
-            self._subscribers.add(queue)
-        return queue
+            self._subscribers.add(channel)
+        return channel
 
-    def unsubscribe(self, queue: asyncio.Queue[Any]) -> None:
-        self._subscribers.discard(queue)
+    def unsubscribe(self, channel: OutputChannel) -> None:
+        self._subscribers.discard(channel)
+        channel.close()
 
-    async def _publish(self, item: Any) -> None:
-        for queue in list(self._subscribers):
-            if queue in self._subscribers:
-                await queue.put(item)
+    def send_signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+        if signum in (signal.SIGKILL, signal.SIGTERM):
+            self._killed.set()
+
+    async def _copy(self, stream: str, fd: int) -> None:
+        while chunk := await read_chunk(fd):
+            item = _Data(stream, chunk)
+            for channel in list(self._subscribers):
+                await channel.send(item)
 
     async def pump(self) -> None:
-        """Copy output to subscribers until EOF, then publish the end. Owned by the ProcessTable."""
-
-        async def copy(stream: str, fd: int) -> None:
-            while chunk := await read_chunk(fd):
-                await self._publish(_Data(stream, chunk))
-
+        """Copy output to subscribers until EOF and exit, then publish the end. Owned by the ProcessTable."""
+        status = ExitStatus(exit_code=-1, signal=signal.SIGKILL)
         try:
             async with asyncio.TaskGroup() as tg:
-                for stream, fd in self.proc.output_fds():
-                    tg.create_task(copy(stream, fd))
-            self.status = await self.proc.wait()
+                copies = [tg.create_task(self._copy(stream, fd)) for stream, fd in self.proc.output_fds()]
+                status = await self.proc.wait()
+                if copies:
+                    output_done = asyncio.ensure_future(asyncio.wait(copies))
+                    killed = asyncio.ensure_future(self._killed.wait())
+                    try:
+                        await asyncio.wait({output_done, killed}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        output_done.cancel()
+                        killed.cancel()
+                    # Killed: children that inherited the pipes must not keep the stream open (envd
+                    # stops reading too); what they write from now on is not delivered.
+                    for copy in copies:
+                        copy.cancel()
+        except* Exception:
+            log.exception("process %d: output pump failed", self.pid)
         finally:
             self.proc.close()
-            if self.status is None:
-                self.status = ExitStatus(exit_code=-1, signal=signal.SIGKILL)
+            self.status = status
             self.ended_at = time.monotonic()
-            for queue in list(self._subscribers):
-                with contextlib.suppress(asyncio.QueueFull):
-                    # An end must reach every subscriber, even a full one: make room by dropping output.
-                    while queue.full():
-                        queue.get_nowait()
-                    queue.put_nowait(_End(self.status))
-            self._subscribers.clear()
+            subscribers, self._subscribers = self._subscribers, set()
+            for channel in subscribers:
+                channel.send_final(_End(status))
             self.done.set()
 
     def gone(self) -> None:
-        """The sandbox is gone: wake every subscriber so its stream can be cut."""
-        for queue in list(self._subscribers):
-            while queue.full():
-                queue.get_nowait()
-            queue.put_nowait(_GONE)
-        self._subscribers.clear()
+        """The sandbox is gone: cut every subscriber's stream."""
+        subscribers, self._subscribers = self._subscribers, set()
+        for channel in subscribers:
+            channel.abort()
 
 
 class ProcessTable:
@@ -126,26 +220,29 @@ class ProcessTable:
 
     def __init__(self) -> None:
         self._by_pid: dict[int, ManagedProcess] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._pumps: set[asyncio.Task[None]] = set()
+        self._timers: set[asyncio.Task[None]] = set()
         self.closed = False
 
-    def _own(self, coro: Any) -> None:
+    def _own(self, tasks: set[asyncio.Task[None]], coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     def add(self, mp: ManagedProcess, lifetime_s: float | None) -> None:
         self._prune()
         self._by_pid[mp.pid] = mp
-        self._own(mp.pump())
+        self._own(self._pumps, mp.pump())
         if lifetime_s is not None:
-            self._own(self._limit_lifetime(mp, lifetime_s))
+            self._own(self._timers, self._limit_lifetime(mp, lifetime_s))
 
     async def _limit_lifetime(self, mp: ManagedProcess, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(mp.done.wait(), timeout=seconds)
+            async with asyncio.timeout(seconds):
+                await mp.done.wait()
             return
-        mp.proc.send_signal(signal.SIGKILL)
+        mp.lifetime_expired = True
+        mp.send_signal(signal.SIGKILL)
 
     def _prune(self) -> None:
         now = time.monotonic()
@@ -153,30 +250,38 @@ class ProcessTable:
             if mp.ended_at is not None and now - mp.ended_at > RETAIN_ENDED_S:
                 del self._by_pid[pid]
 
-    def select(self, selector: pb.ProcessSelector | None) -> ManagedProcess:
+    def select(self, selector: pb.ProcessSelector | None, *, include_ended: bool = False) -> ManagedProcess:
+        """The process a selector names: running ones, or also recently ended ones (for Connect)."""
         self._prune()
         match selector.selector if selector is not None else None:
             case Oneof(field="pid", value=pid):
                 mp = self._by_pid.get(pid)
-                if mp is not None:
+                if mp is not None and (include_ended or mp.running):
                     return mp
                 raise NotFound(f"process with pid {pid} not found")
             case Oneof(field="tag", value=tag):
-                for mp in self._by_pid.values():
-                    if mp.tag == tag and mp.status is None:
-                        return mp
+                matches = [
+                    mp for mp in self._by_pid.values() if mp.tag == tag and (include_ended or mp.running)
+                ]
+                if matches:
+                    # A running one first, else the one that ended last.
+                    return max(matches, key=lambda mp: (mp.running, mp.ended_at or 0.0))
                 raise NotFound(f"process with tag {tag} not found")
         raise InvalidArgument("process selector is required")
 
     def running(self) -> list[ManagedProcess]:
-        return [mp for mp in self._by_pid.values() if mp.status is None]
+        return [mp for mp in self._by_pid.values() if mp.running]
 
     def close(self) -> None:
-        """The sandbox is gone: cut every stream and stop pumping."""
+        """The sandbox is gone (or the server stops): cut every stream.
+
+        Pumps keep running until their runtime process exits (the sandbox is being torn down), so
+        that it is reaped; the lifetime timers stop.
+        """
         self.closed = True
         for mp in self._by_pid.values():
             mp.gone()
-        for task in list(self._tasks):
+        for task in list(self._timers):
             task.cancel()
         self._by_pid.clear()
 
@@ -198,13 +303,14 @@ def acting_username(headers: Mapping[str, str]) -> str:
     return decoded.split(":", 1)[0] or DEFAULT_USER
 
 
-def _resolve_cwd(cwd: str | None, user: UserIds) -> str:
+def resolve_cwd(cwd: str | None, home: str) -> str:
+    """envd's rule: empty → $HOME, `~` and `~/x` expanded, relative → $HOME/<cwd>."""
     if not cwd:
-        return user.home
+        return home
     if cwd == "~" or cwd.startswith("~/"):
-        cwd = user.home + cwd[1:]
+        cwd = home + cwd[1:]
     if not cwd.startswith("/"):
-        cwd = f"{user.home.rstrip('/')}/{cwd}"
+        cwd = f"{home.rstrip('/')}/{cwd}"
     return cwd
 
 
@@ -216,20 +322,30 @@ def _keepalive_seconds(headers: Mapping[str, str]) -> float:
 
 
 def _end_event(status: ExitStatus) -> pb.ProcessEvent:
-    end = pb.ProcessEvent.EndEvent(exit_code=status.exit_code, exited=status.signal is None, status=status.status)
+    end = pb.ProcessEvent.EndEvent(
+        exit_code=status.exit_code, exited=status.signal is None, status=status.status
+    )
     if status.exit_code != 0 or status.signal is not None:
         end.error = status.status
     return pb.ProcessEvent(event=Oneof("end", end))
 
 
 def _data_event(item: _Data) -> pb.ProcessEvent:
-    return pb.ProcessEvent(event=Oneof("data", pb.ProcessEvent.DataEvent(output=Oneof(item.stream, item.data))))
+    return pb.ProcessEvent(
+        event=Oneof("data", pb.ProcessEvent.DataEvent(output=Oneof(item.stream, item.data)))
+    )
+
+
+def _optional(message: Any, field: str) -> Any:
+    """A proto3 `optional` scalar: None when absent (protobuf-py reads an absent one as its default)."""
+    return getattr(message, field) if message.has_field(field) else None
 
 
 class ProcessService(process_connect.Process):
     """The `process.Process` Connect service for every sandbox on this node.
 
-    `lookup(headers)` returns the sandbox a request is for (the proxy sets `e2b-sandbox-id`).
+    `lookup(headers)` returns the sandbox a request is for (the proxy sets `e2b-sandbox-id`);
+    `lookup_user(root, name)` the sandbox user a request acts as.
     """
 
     def __init__(self, lookup: Any, lookup_user: Any) -> None:
@@ -248,31 +364,51 @@ class ProcessService(process_connect.Process):
         except CorralError as exc:
             raise connect_error(exc) from None
 
+    def _select(
+        self, ctx: Any, selector: pb.ProcessSelector | None, *, include_ended: bool = False
+    ) -> ManagedProcess:
+        try:
+            return self._sandbox(ctx).processes.select(selector, include_ended=include_ended)
+        except CorralError as exc:
+            raise connect_error(exc) from None
+
     async def _stream(
-        self, sandbox: EnvdSandbox, mp: ManagedProcess, queue: asyncio.Queue[Any], ctx: Any, response: Any, deadline: float | None
+        self,
+        mp: ManagedProcess,
+        channel: OutputChannel,
+        ctx: Any,
+        response: Any,
+        deadline: float | None,
+        *,
+        owns_lifetime: bool = False,
     ) -> AsyncIterator[Any]:
+        """start, then output and keepalives, then the end. The Start stream whose deadline killed
+        the process ends with DEADLINE_EXCEEDED (as envd's does), other streams see the kill."""
         keepalive = _keepalive_seconds(ctx.request_headers)
         try:
-            yield response(event=pb.ProcessEvent(event=Oneof("start", pb.ProcessEvent.StartEvent(pid=mp.pid))))
+            yield response(
+                event=pb.ProcessEvent(event=Oneof("start", pb.ProcessEvent.StartEvent(pid=mp.pid)))
+            )
             while True:
                 wait = keepalive
                 if deadline is not None:
                     wait = min(wait, max(0.0, deadline - time.monotonic()))
-                try:
-                    item = await asyncio.wait_for(queue.get(), timeout=wait)
-                except TimeoutError:
+                item = await channel.receive(wait)
+                if item is _IDLE:
                     if deadline is not None and time.monotonic() >= deadline:
-                        raise ConnectError(Code.DEADLINE_EXCEEDED, "process lifetime limit reached") from None
-                    yield response(event=pb.ProcessEvent(event=Oneof("keepalive", pb.ProcessEvent.KeepAlive())))
-                    continue
-                if item is _GONE:
-                    raise SandboxGone(sandbox.sandbox_id)
-                if isinstance(item, _End):
+                        raise ConnectError(Code.DEADLINE_EXCEEDED, "the process's time limit was reached")
+                    yield response(
+                        event=pb.ProcessEvent(event=Oneof("keepalive", pb.ProcessEvent.KeepAlive()))
+                    )
+                elif isinstance(item, _End):
+                    if owns_lifetime and mp.lifetime_expired:
+                        raise ConnectError(Code.DEADLINE_EXCEEDED, "the process's time limit was reached")
                     yield response(event=_end_event(item.status))
                     return
-                yield response(event=_data_event(item))
+                else:
+                    yield response(event=_data_event(item))
         finally:
-            mp.unsubscribe(queue)
+            mp.unsubscribe(channel)
 
     async def start(self, request: pb.StartRequest, ctx: Any) -> AsyncIterator[pb.StartResponse]:
         sandbox = self._sandbox(ctx)
@@ -280,7 +416,7 @@ class ProcessService(process_connect.Process):
         config = request.process or pb.ProcessConfig()
         if not config.cmd:
             raise ConnectError(Code.INVALID_ARGUMENT, "process.cmd is required")
-        cwd = _resolve_cwd(config.cwd, user)
+        cwd = resolve_cwd(_optional(config, "cwd"), user.home)
         try:
             is_dir = stat.S_ISDIR(sandbox.root.stat(cwd).st_mode)
         except CorralError:
@@ -292,87 +428,111 @@ class ProcessService(process_connect.Process):
         pty = None
         if request.pty is not None:
             size = request.pty.size
-            pty = PtySize(cols=size.cols if size else 80, rows=size.rows if size else 24)
-            env.setdefault("TERM", "xterm-256color")
+            pty = (
+                PtySize(cols=size.cols or 80, rows=size.rows or 24)
+                if size is not None
+                else PtySize(cols=80, rows=24)
+            )
+            env["TERM"] = "xterm-256color"
         env.update(config.envs)
-        stdin = bool(request.stdin) if request.stdin is not None else True
+        stdin = _optional(request, "stdin")
         timeout_ms = ctx.timeout_ms
         lifetime = timeout_ms / 1000.0 if timeout_ms is not None and timeout_ms > 0 else None
+        deadline = time.monotonic() + lifetime if lifetime is not None else None
         try:
             proc = await sandbox.spawner.spawn(
-                SpawnRequest(argv=[config.cmd, *config.args], env=env, cwd=cwd, user=user, pty=pty, stdin=stdin and pty is None)
+                SpawnRequest(
+                    argv=[config.cmd, *config.args],
+                    env=env,
+                    cwd=cwd,
+                    user=user,
+                    pty=pty,
+                    stdin=pty is None and stdin is not False,
+                )
             )
         except CorralError as exc:
             raise connect_error(exc) from None
-        mp = ManagedProcess(proc, config, request.tag, pty is not None, stdin)
-        queue = mp.subscribe()
-        sandbox.processes.add(mp, lifetime)
-        deadline = time.monotonic() + lifetime if lifetime is not None else None
-        async for message in self._stream(sandbox, mp, queue, ctx, pb.StartResponse, deadline):
+        mp = ManagedProcess(proc, config, _optional(request, "tag"), pty is not None)
+        channel = mp.subscribe()
+        sandbox.processes.add(mp, None if deadline is None else max(0.0, deadline - time.monotonic()))
+        async for message in self._stream(mp, channel, ctx, pb.StartResponse, deadline, owns_lifetime=True):
             yield message
 
     async def connect(self, request: pb.ConnectRequest, ctx: Any) -> AsyncIterator[pb.ConnectResponse]:
-        sandbox = self._sandbox(ctx)
-        try:
-            mp = sandbox.processes.select(request.process)
-        except CorralError as exc:
-            raise connect_error(exc) from None
-        queue = mp.subscribe()
-        async for message in self._stream(sandbox, mp, queue, ctx, pb.ConnectResponse, None):
+        mp = self._select(ctx, request.process, include_ended=True)
+        channel = mp.subscribe()
+        timeout_ms = ctx.timeout_ms
+        deadline = (
+            time.monotonic() + timeout_ms / 1000.0 if timeout_ms is not None and timeout_ms > 0 else None
+        )
+        async for message in self._stream(mp, channel, ctx, pb.ConnectResponse, deadline):
             yield message
 
     async def list(self, request: pb.ListRequest, ctx: Any) -> pb.ListResponse:
         sandbox = self._sandbox(ctx)
         return pb.ListResponse(
-            processes=[pb.ProcessInfo(config=mp.config, pid=mp.pid, tag=mp.tag) for mp in sandbox.processes.running()]
+            processes=[
+                pb.ProcessInfo(config=mp.config, pid=mp.pid, tag=mp.tag) for mp in sandbox.processes.running()
+            ]
         )
-
-    def _select(self, ctx: Any, selector: pb.ProcessSelector | None) -> ManagedProcess:
-        try:
-            return self._sandbox(ctx).processes.select(selector)
-        except CorralError as exc:
-            raise connect_error(exc) from None
 
     async def send_signal(self, request: pb.SendSignalRequest, ctx: Any) -> pb.SendSignalResponse:
         mp = self._select(ctx, request.process)
-        signum = {pb.Signal.SIGNAL_SIGKILL: signal.SIGKILL, pb.Signal.SIGNAL_SIGTERM: signal.SIGTERM}.get(request.signal)
+        signum = _SIGNALS.get(request.signal)  # type: ignore[call-overload]
         if signum is None:
             raise ConnectError(Code.UNIMPLEMENTED, f"invalid signal: {request.signal}")
-        mp.proc.send_signal(signum)
+        mp.send_signal(signum)
         return pb.SendSignalResponse()
 
     async def send_input(self, request: pb.SendInputRequest, ctx: Any) -> pb.SendInputResponse:
         mp = self._select(ctx, request.process)
         match request.input.input if request.input is not None else None:
-            case Oneof(field="stdin" | "pty", value=data):
-                try:
-                    mp.proc.write_stdin(data)
-                except (CorralError, OSError) as exc:
-                    raise ConnectError(Code.FAILED_PRECONDITION, f"cannot write input: {exc}") from None
+            case Oneof(value=data) if data:
+                await self._write(mp, data)
         return pb.SendInputResponse()
+
+    async def _write(self, mp: ManagedProcess, data: bytes) -> None:
+        try:
+            await mp.proc.write_input(data)
+        except InvalidArgument as exc:
+            raise ConnectError(Code.FAILED_PRECONDITION, exc.message) from None
+        except CorralError as exc:
+            raise connect_error(exc) from None
 
     async def close_stdin(self, request: pb.CloseStdinRequest, ctx: Any) -> pb.CloseStdinResponse:
         mp = self._select(ctx, request.process)
+        if mp.is_pty:
+            raise connect_error(FailedPrecondition(f"process {mp.pid} has a terminal, not a stdin pipe"))
         mp.proc.close_stdin()
         return pb.CloseStdinResponse()
 
     async def update(self, request: pb.UpdateRequest, ctx: Any) -> pb.UpdateResponse:
         mp = self._select(ctx, request.process)
         if request.pty is not None and request.pty.size is not None:
+            size = request.pty.size
             try:
-                mp.proc.resize(PtySize(cols=request.pty.size.cols, rows=request.pty.size.rows))
-            except CorralError as exc:
-                raise connect_error(exc) from None
+                mp.proc.resize(PtySize(cols=size.cols, rows=size.rows))
+            except InvalidArgument as exc:
+                raise ConnectError(Code.FAILED_PRECONDITION, exc.message) from None
+            except OSError as exc:
+                raise ConnectError(Code.FAILED_PRECONDITION, f"cannot resize: {exc.strerror}") from None
         return pb.UpdateResponse()
 
-    async def stream_input(self, request: AsyncIterator[pb.StreamInputRequest], ctx: Any) -> pb.StreamInputResponse:
+    async def stream_input(
+        self, request: AsyncIterator[pb.StreamInputRequest], ctx: Any
+    ) -> pb.StreamInputResponse:
+        """Client streaming: `start{process}` names the process, then `data{input}` messages feed it."""
         mp: ManagedProcess | None = None
         async for message in request:
             match message.event:
                 case Oneof(field="start", value=start):
                     mp = self._select(ctx, start.process)
-                case Oneof(field="data", value=data) if mp is not None and data.input is not None:
+                case Oneof(field="data", value=data) if data.input is not None:
+                    if mp is None:
+                        raise ConnectError(
+                            Code.FAILED_PRECONDITION, "the stream must start with a start event"
+                        )
                     match data.input.input:
-                        case Oneof(value=payload):
-                            mp.proc.write_stdin(payload)
+                        case Oneof(value=payload) if payload:
+                            await self._write(mp, payload)
         return pb.StreamInputResponse()

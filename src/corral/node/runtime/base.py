@@ -1,7 +1,10 @@
 """The seam between envd and the OCI runtime: start a process inside a running sandbox.
 
-Lifecycle of a `SpawnedProcess`: created by `Spawner.spawn` (already running, pid known) →
-output read from `stdout`/`stderr` (or `pty`) until EOF → `wait()` returns the `ExitStatus` once.
+Lifecycle of a `SpawnedProcess`: created by `Spawner.spawn` (already running, its sandbox pid
+known) → output read from the non-blocking fds of `output_fds()` until EOF (EIO on a pty master)
+→ `wait()` returns the `ExitStatus` once the process has exited → `close()` releases the fds.
+`send_signal`, `write_input`, `close_stdin` and `resize` may be called at any point before
+`close()`; after the process has exited they do nothing (or say so).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-__all__ = ["UserIds", "PtySize", "ExitStatus", "SpawnRequest", "SpawnedProcess", "Spawner"]
+__all__ = ["ExitStatus", "PtySize", "SpawnRequest", "SpawnedProcess", "Spawner", "UserIds"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -44,7 +47,24 @@ class ExitStatus:
         return f"exit status {self.exit_code}"
 
 
-_SIGNAL_NAMES = {9: "killed", 15: "terminated", 2: "interrupt", 1: "hangup", 6: "aborted", 11: "segmentation fault"}
+# Go's syscall.Signal.String() on Linux, which envd's status text uses.
+_SIGNAL_NAMES = {
+    1: "hangup",
+    2: "interrupt",
+    3: "quit",
+    4: "illegal instruction",
+    5: "trace/breakpoint trap",
+    6: "aborted",
+    7: "bus error",
+    8: "floating point exception",
+    9: "killed",
+    10: "user defined signal 1",
+    11: "segmentation fault",
+    12: "user defined signal 2",
+    13: "broken pipe",
+    14: "alarm clock",
+    15: "terminated",
+}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -59,14 +79,27 @@ class SpawnRequest:
 
 class SpawnedProcess(Protocol):
     pid: int  # pid inside the sandbox's pid namespace
-    stdout: object  # asyncio.StreamReader | None
-    stderr: object  # asyncio.StreamReader | None
 
-    def write_stdin(self, data: bytes) -> None: ...
+    def output_fds(self) -> Sequence[tuple[str, int]]:
+        """(`stdout`|`stderr`|`pty`, non-blocking fd) pairs to read output from; owned by the process."""
+        ...
+
+    async def write_input(self, data: bytes) -> None:
+        """Write to stdin (or the terminal); waits while the process does not read. InvalidArgument
+        when the process has no input."""
+        ...
+
     def close_stdin(self) -> None: ...
+
     def resize(self, size: PtySize) -> None: ...
-    def send_signal(self, signum: int) -> None: ...
+
+    def send_signal(self, signum: int) -> None:
+        """Signal the process and the process group it leads (its pipeline, its children)."""
+        ...
+
     async def wait(self) -> ExitStatus: ...
+
+    def close(self) -> None: ...
 
 
 class Spawner(Protocol):

@@ -4,29 +4,38 @@
 `<runtime> exec`. Processes are started with posix_spawn so that we can map a pipe onto fd 3 of
 the runtime: a two-line sh wrapper inside the sandbox writes its pid there before it execs the
 command, which gives the sandbox-side pid without a race against a short-lived process.
+
+A process with a terminal gets it from the runtime: `--console-socket` names a unix socket on which
+the runtime sends us the pty master (the command gets the slave as its controlling terminal in a
+new session). Output is read from the master until EIO, which is what it returns once every
+holder of the slave has closed it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import termios
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from corral.core.errors import Internal, InvalidArgument, NotFound
-from corral.node.runtime._fdio import read_chunk, wait_readable
+from corral.core.errors import FailedPrecondition, Internal, InvalidArgument
+from corral.node.runtime._fdio import is_readable_now, read_chunk, wait_readable, write_all
 from corral.node.runtime.base import ExitStatus, PtySize, SpawnRequest
 from corral.node.runtime.oci import build_exec_process
+from corral.node.runtime.runtimes import traits_for
 
-__all__ = ["OciRuntime", "RuntimeSpawner", "RuntimeProcess"]
+__all__ = ["OciRuntime", "RuntimeProcess", "RuntimeSpawner"]
 
 # Writes its own pid to fd 3, closes it, and becomes the command (exec keeps the pid).
 _PID_WRAPPER = ("/bin/sh", "-c", 'echo $$ >&3; exec 3>&-; exec "$@"', "sh")
@@ -38,9 +47,10 @@ class OciRuntime:
     def __init__(self, binary: str, state_root: Path) -> None:
         self.binary = binary
         self.state_root = state_root
+        self.traits = traits_for(binary)  # runsc differs (see corral.node.runtime.runtimes)
 
     def _argv(self, *args: str) -> list[str]:
-        return [self.binary, "--root", str(self.state_root), *args]
+        return [self.binary, "--root", str(self.state_root), *self.traits.global_args, *args]
 
     async def _run(self, *args: str, check: bool = True) -> tuple[int, bytes, bytes]:
         proc = await asyncio.create_subprocess_exec(
@@ -97,48 +107,75 @@ class OciRuntime:
 
 
 class RuntimeProcess:
-    """One process started with `<runtime> exec`; the runtime process is our child and waits for it."""
+    """One process started with `<runtime> exec` (implements `corral.node.runtime.base.SpawnedProcess`).
+
+    The runtime process is our child; it waits for the command and exits with the command's status
+    (128+N when the command died of signal N). The command itself is the runtime's only child; we
+    hold a pidfd on it so that a signal can never reach a recycled pid.
+    """
 
     def __init__(
         self,
         runtime_pid: int,
+        runtime_pidfd: int,
         pid: int,
-        stdin_fd: int | None,
-        stdout_fd: int | None,
-        stderr_fd: int | None,
-        pty_fd: int | None,
+        *,
+        stdin_fd: int | None = None,
+        stdout_fd: int | None = None,
+        stderr_fd: int | None = None,
+        pty_fd: int | None = None,
+        diag_fd: int | None = None,
+        signal_command: Callable[[int, int], None] | None = None,
     ) -> None:
         self.runtime_pid = runtime_pid
+        # Set when the command is not a host process (runsc): signals it by sandbox pid and signal.
+        self._signal_command = signal_command
         self.pid = pid
         self.stdin_fd = stdin_fd
         self.stdout_fd = stdout_fd
         self.stderr_fd = stderr_fd
         self.pty_fd = pty_fd
-        self._host_pid = _host_pid_of(runtime_pid)
+        self._diag_fd = diag_fd  # the runtime's own stderr when the command has a terminal
+        self._runtime_pidfd: int | None = runtime_pidfd
+        self._command_pid, self._command_pidfd = _open_command(runtime_pid)
         self._signals_sent: set[int] = set()
         self._status: ExitStatus | None = None
-        self._pidfd = os.pidfd_open(runtime_pid)
+        self._input_lock = asyncio.Lock()
+        self._writing: int | None = None  # the input fd a write_input is waiting on
+        self._close_after_write = False
 
     def output_fds(self) -> Sequence[tuple[str, int]]:
         if self.pty_fd is not None:
             return [("pty", self.pty_fd)]
         return [(name, fd) for name, fd in (("stdout", self.stdout_fd), ("stderr", self.stderr_fd)) if fd is not None]
 
-    def write_stdin(self, data: bytes) -> None:
-        fd = self.pty_fd if self.pty_fd is not None else self.stdin_fd
-        if fd is None:
-            raise InvalidArgument("stdin is not enabled for this process")
-        view = memoryview(data)
-        while view:
+    async def write_input(self, data: bytes) -> None:
+        async with self._input_lock:
+            fd = self.pty_fd if self.pty_fd is not None else self.stdin_fd
+            if fd is None:
+                raise InvalidArgument("stdin is not enabled for this process (or it was closed)")
+            self._writing = fd
             try:
-                view = view[os.write(fd, view) :]
-            except BlockingIOError:
-                raise InvalidArgument("process is not reading its input fast enough") from None
+                await write_all(fd, data)
+            except OSError as exc:  # EPIPE: nobody reads any more (the process has exited)
+                raise FailedPrecondition(f"cannot write to process {self.pid}: {exc.strerror}") from None
+            finally:
+                self._writing = None
+                if self._close_after_write:
+                    self._close_after_write = False
+                    os.close(fd)
 
     def close_stdin(self) -> None:
-        if self.stdin_fd is not None:
-            os.close(self.stdin_fd)
-            self.stdin_fd = None
+        fd, self.stdin_fd = self.stdin_fd, None
+        if fd is not None:
+            self._release(fd)
+
+    def _release(self, fd: int) -> None:
+        # A writer may be waiting on this fd: closing it now could hand its number to another file.
+        if fd == self._writing:
+            self._close_after_write = True
+        else:
+            os.close(fd)
 
     def resize(self, size: PtySize) -> None:
         if self.pty_fd is None:
@@ -146,29 +183,53 @@ class RuntimeProcess:
         fcntl.ioctl(self.pty_fd, termios.TIOCSWINSZ, struct.pack("HHHH", size.rows, size.cols, 0, 0))
 
     def send_signal(self, signum: int) -> None:
-        if self._status is not None:
+        """Signal the command and its process group (a pipeline, its children), while it runs.
+
+        The group is the one the runtime made for the command (crun exec starts a new session), or
+        the one an interactive shell moved itself to. It is only signalled while the command is
+        alive, so the group id cannot have been recycled, and never when it is the group of the
+        runtime or of this server.
+        """
+        if self._signal_command is not None:
+            runtime_pidfd = self._runtime_pidfd
+            if self._status is None and runtime_pidfd is not None and not is_readable_now(runtime_pidfd):
+                self._signals_sent.add(signum)
+                self._signal_command(self.pid, signum)
             return
-        host_pid = self._host_pid or _host_pid_of(self.runtime_pid)
-        if host_pid is None:
+        pidfd = self._command_pidfd
+        if self._status is not None or pidfd is None or is_readable_now(pidfd):
             return
         self._signals_sent.add(signum)
-        try:
-            os.kill(host_pid, signum)
-        except ProcessLookupError:
-            pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            pgid = os.getpgid(self._command_pid)
+            if pgid > 1 and pgid not in (os.getpgrp(), _pgid_or_none(self.runtime_pid)):
+                os.killpg(pgid, signum)
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signum)
 
     async def wait(self) -> ExitStatus:
         while self._status is None:
-            await wait_readable(self._pidfd)
-            try:
-                info = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
-            except ChildProcessError:
-                info = None
-            if info is None:
-                continue
+            pidfd = self._runtime_pidfd
+            assert pidfd is not None, "wait() after close()"
+            await wait_readable(pidfd)
+            status = self._reap()
+            if status is not None:
+                return status
+        return self._status
+
+    def _reap(self) -> ExitStatus | None:
+        if self._status is not None or self._runtime_pidfd is None:
+            return self._status
+        try:
+            info = os.waitid(os.P_PIDFD, self._runtime_pidfd, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            info = None
+            self._status = ExitStatus(exit_code=-1, signal=signal.SIGKILL)  # reaped elsewhere: unknown
+        if info is not None:
             self._status = self._exit_status(info.si_code, info.si_status)
-            os.close(self._pidfd)
-            self.close_stdin()
+        if self._status is not None:
+            os.close(self._runtime_pidfd)
+            self._runtime_pidfd = None
         return self._status
 
     def _exit_status(self, si_code: int, si_status: int) -> ExitStatus:
@@ -181,23 +242,86 @@ class RuntimeProcess:
         return ExitStatus(exit_code=-1, signal=si_status)
 
     def close(self) -> None:
-        for name in ("stdin_fd", "stdout_fd", "stderr_fd", "pty_fd"):
+        """Release every fd; reap the runtime if it has exited (it is our child)."""
+        self._reap()
+        for name in ("stdin_fd", "stdout_fd", "stderr_fd", "pty_fd", "_diag_fd", "_command_pidfd"):
             fd = getattr(self, name)
             if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
                 setattr(self, name, None)
+                with contextlib.suppress(OSError):
+                    self._release(fd)
+        if self._runtime_pidfd is not None:
+            os.close(self._runtime_pidfd)
+            self._runtime_pidfd = None
 
 
-def _host_pid_of(runtime_pid: int) -> int | None:
-    """The host pid of the command: the only child of `<runtime> exec` (it forks once into the sandbox)."""
+def _children(pid: int) -> list[int]:
     try:
-        children = Path(f"/proc/{runtime_pid}/task/{runtime_pid}/children").read_text().split()
-    except OSError:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _open_command(runtime_pid: int) -> tuple[int, int | None]:
+    """(host pid, pidfd) of the command: the only child of `<runtime> exec`. No pidfd once it has exited.
+
+    The pid is checked to still be the runtime's child after the pidfd is opened, so the pidfd
+    cannot name a process that got a recycled pid.
+    """
+    for pid in reversed(_children(runtime_pid)):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (ProcessLookupError, OSError):
+            continue
+        if pid in _children(runtime_pid):
+            return pid, pidfd
+        os.close(pidfd)
+    return 0, None
+
+
+def _pgid_or_none(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
         return None
-    return int(children[-1]) if children else None
+
+
+class _SpawnFds:
+    """The fds of one spawn: ours (kept, non-blocking) and the runtime's (closed once it runs)."""
+
+    def __init__(self) -> None:
+        self.ours: dict[str, int] = {}
+        self.theirs: list[int] = []
+        self.actions: list[tuple[Any, ...]] = []
+
+    def pipe_to_child(self, name: str, child_fd: int) -> None:
+        """A pipe the runtime reads from (its fd `child_fd`); we keep the write end as `name`."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        self.ours[name], self.theirs = w, [*self.theirs, r]
+        self.actions.append((os.POSIX_SPAWN_DUP2, r, child_fd))
+
+    def pipe_from_child(self, name: str, child_fd: int) -> None:
+        """A pipe the runtime writes to (its fd `child_fd`); we keep the read end as `name`."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        self.ours[name], self.theirs = r, [*self.theirs, w]
+        self.actions.append((os.POSIX_SPAWN_DUP2, w, child_fd))
+
+    def null(self, child_fd: int) -> None:
+        flags = os.O_RDONLY if child_fd == 0 else os.O_WRONLY
+        self.actions.append((os.POSIX_SPAWN_OPEN, child_fd, "/dev/null", flags, 0))
+
+    def spawned(self) -> None:
+        for fd in self.theirs:
+            os.close(fd)
+        self.theirs = []
+        for fd in self.ours.values():
+            os.set_blocking(fd, False)
+
+    def close(self) -> None:
+        for fd in [*self.theirs, *self.ours.values()]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.theirs, self.ours = [], {}
 
 
 class RuntimeSpawner:
@@ -210,122 +334,192 @@ class RuntimeSpawner:
         self.nofile_hard = nofile_hard
 
     async def spawn(self, request: SpawnRequest) -> RuntimeProcess:
+        with_pid_pipe = self.runtime.traits.preserve_fds  # else the runtime writes an internal pid file
         process = build_exec_process(
-            argv=[*_PID_WRAPPER, *request.argv],
+            argv=[*(_PID_WRAPPER if with_pid_pipe else ()), *request.argv],
             env=request.env,
             cwd=request.cwd,
             user=request.user,
             pty=request.pty,
             nofile_hard=self.nofile_hard,
         )
-        token = uuid.uuid4().hex
+        token = uuid.uuid4().hex[:16]
         process_file = self.bundle / f"exec-{token}.json"
         process_file.write_text(json.dumps(process))
-        argv = self.runtime._argv("exec", "--preserve-fds", "1", "--process", str(process_file))
+        pid_file = self.bundle / f"pid-{token}"
+        if with_pid_pipe:
+            argv = self.runtime._argv("exec", "--preserve-fds", "1", "--process", str(process_file))
+        else:
+            argv = self.runtime._argv("exec", "--internal-pid-file", str(pid_file), "--process", str(process_file))
         console: socket.socket | None = None
+        console_path = self.bundle / f"tty-{token}.sock"  # short: AF_UNIX paths end at 107 bytes
         try:
             if request.pty is not None:
-                console_path = self.bundle / f"console-{token}.sock"
                 console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
                 console.bind(str(console_path))
                 console.listen(1)
                 argv += ["--console-socket", str(console_path)]
             argv.append(self.container_id)
-            return await self._start(argv, request, console)
+            return await self._start(argv, request, console, None if with_pid_pipe else pid_file)
         finally:
             process_file.unlink(missing_ok=True)
+            pid_file.unlink(missing_ok=True)
             if console is not None:
                 console.close()
-                (self.bundle / f"console-{token}.sock").unlink(missing_ok=True)
+                console_path.unlink(missing_ok=True)
 
-    async def _start(self, argv: list[str], request: SpawnRequest, console: socket.socket | None) -> RuntimeProcess:
-        pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
-        parent_fds: list[int] = [pid_r]
-        child_fds: list[int] = [pid_w]
-        actions: list[tuple[Any, ...]] = []
-        stdin_fd = stdout_fd = stderr_fd = None
+    async def _start(
+        self, argv: list[str], request: SpawnRequest, console: socket.socket | None, pid_file: Path | None
+    ) -> RuntimeProcess:
+        fds = _SpawnFds()
         try:
-            if request.stdin and console is None:
-                r, stdin_fd = os.pipe2(os.O_CLOEXEC)
-                child_fds.append(r)
-                parent_fds.append(stdin_fd)
-                actions.append((os.POSIX_SPAWN_DUP2, r, 0))
-            else:
-                actions.append((os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0))
+            if pid_file is None:
+                fds.pipe_from_child("pid", 3)
             if console is None:
-                stdout_fd, w_out = os.pipe2(os.O_CLOEXEC)
-                stderr_fd, w_err = os.pipe2(os.O_CLOEXEC)
-                child_fds += [w_out, w_err]
-                parent_fds += [stdout_fd, stderr_fd]
-                actions += [(os.POSIX_SPAWN_DUP2, w_out, 1), (os.POSIX_SPAWN_DUP2, w_err, 2)]
+                if request.stdin:
+                    fds.pipe_to_child("stdin", 0)
+                else:
+                    fds.null(0)
+                fds.pipe_from_child("stdout", 1)
+                fds.pipe_from_child("stderr", 2)
             else:
-                actions += [
-                    (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 2, "/dev/null", os.O_WRONLY, 0),
-                ]
-            actions.append((os.POSIX_SPAWN_DUP2, pid_w, 3))
-            runtime_pid = os.posix_spawn(argv[0] if "/" in argv[0] else _which(argv[0]), argv, os.environ, file_actions=actions)
+                # The command gets the terminal for 0-2; the runtime keeps its stderr for its errors.
+                fds.null(0)
+                fds.null(1)
+                fds.pipe_from_child("diag", 2)
+            runtime_pid = os.posix_spawn(_which(argv[0]), argv, os.environ, file_actions=fds.actions)
         except BaseException:
-            for fd in parent_fds + child_fds:
-                os.close(fd)
+            fds.close()
             raise
-        for fd in child_fds:
-            os.close(fd)
-        for fd in parent_fds:
-            os.set_blocking(fd, False)
-        pty_fd = None
+        fds.spawned()
+        runtime_pidfd = os.pidfd_open(runtime_pid)
+        pid_r = fds.ours.pop("pid", None)
+        pty_fd: int | None = None
         try:
-            if console is not None:
-                pty_fd = await asyncio.wait_for(_receive_console(console), timeout=10)
-                os.set_blocking(pty_fd, False)
-            line = b""
-            while not line.endswith(b"\n"):
-                chunk = await asyncio.wait_for(read_chunk(pid_r, 32), timeout=10)
-                if not chunk:
-                    break
-                line += chunk
+            async with asyncio.timeout(_START_TIMEOUT_S):
+                if console is not None:
+                    pty_fd = await _receive_console(console, runtime_pidfd)
+                if pid_r is not None:
+                    line = await _read_line(pid_r)
+                else:
+                    assert pid_file is not None
+                    line = await _read_pid_file(pid_file, runtime_pidfd)
         except BaseException:
-            os.kill(runtime_pid, signal.SIGKILL)
-            os.waitpid(runtime_pid, 0)
-            for fd in parent_fds[1:] + ([pty_fd] if pty_fd is not None else []):
-                os.close(fd)
+            _kill_and_reap(runtime_pid, runtime_pidfd)
+            fds.close()
+            if pty_fd is not None:
+                os.close(pty_fd)
             raise
         finally:
-            os.close(pid_r)
-        proc = RuntimeProcess(runtime_pid, int(line) if line.strip() else 0, stdin_fd, stdout_fd, stderr_fd, pty_fd)
-        if not line.strip():
-            # The runtime failed before the command started (bad cwd, missing sh, dead sandbox).
+            if pid_r is not None:
+                os.close(pid_r)
+        pid = int(line) if line.strip().isdigit() else 0  # written by the sandbox's /bin/sh: untrusted
+        proc = RuntimeProcess(
+            runtime_pid,
+            runtime_pidfd,
+            pid if 0 < pid < 2**31 else 0,
+            stdin_fd=fds.ours.get("stdin"),
+            stdout_fd=fds.ours.get("stdout"),
+            stderr_fd=fds.ours.get("stderr"),
+            pty_fd=pty_fd,
+            diag_fd=fds.ours.get("diag"),
+            signal_command=None if self.runtime.traits.pid_from_host_child else self._signal_by_sandbox_pid,
+        )
+        if proc.pid == 0 or (console is not None and pty_fd is None):
+            # The runtime failed before the command started (bad cwd or user, missing sh, dead sandbox).
+            proc.send_signal(signal.SIGKILL)
             status = await proc.wait()
+            diag_fd = fds.ours.get("stderr", fds.ours.get("diag"))
             detail = b""
-            if stderr_fd is not None:
-                detail = await read_chunk(stderr_fd, 4096)
+            if diag_fd is not None:
+                with contextlib.suppress(BlockingIOError):
+                    detail = os.read(diag_fd, 4096)
             proc.close()
-            raise Internal(f"could not start process (runtime exit {status.exit_code}): {detail.decode(errors='replace').strip()}")
+            message = detail.decode(errors="replace").strip() or f"runtime exit {status.exit_code}"
+            raise Internal(f"could not start process: {message}")
         return proc
 
 
-async def _receive_console(console: socket.socket) -> int:
+    def _signal_by_sandbox_pid(self, pid: int, signum: int) -> None:
+        """`<runtime> kill --pid`: for runtimes whose processes are not host processes (runsc)."""
+        argv = self.runtime._argv("kill", "--pid", str(pid), self.container_id, str(signum))
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=10, check=False)
+
+
+_START_TIMEOUT_S = 30.0
+
+
+async def _read_pid_file(path: Path, runtime_pidfd: int) -> bytes:
+    """The sandbox-side pid the runtime writes to `--internal-pid-file`; b"" when it exits without one."""
+    delay = 0.001
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            text = path.read_bytes().strip()
+            if text.isdigit():
+                return text + b"\n"
+        if is_readable_now(runtime_pidfd):  # exited: one last look, the file may have come just before
+            with contextlib.suppress(FileNotFoundError):
+                text = path.read_bytes().strip()
+                return text + b"\n" if text.isdigit() else b""
+            return b""
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+async def _read_line(fd: int) -> bytes:
+    """The pid line the wrapper writes to fd 3; b"" when the runtime exits without one (or it is junk)."""
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = await read_chunk(fd, 32)
+        if not chunk or len(line) > 32:
+            return b""
+        line += chunk
+    return line
+
+
+async def _receive_console(console: socket.socket, runtime_pidfd: int) -> int | None:
+    """The pty master the runtime sends to the console socket; None if the runtime exits first."""
     loop = asyncio.get_running_loop()
-    conn, _ = await loop.sock_accept(console)
+    accepting = asyncio.ensure_future(loop.sock_accept(console))
+    exiting = asyncio.ensure_future(wait_readable(runtime_pidfd))
+    try:
+        await asyncio.wait({accepting, exiting}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (accepting, exiting):
+            task.cancel()
+        await asyncio.gather(accepting, exiting, return_exceptions=True)
+    if accepting.cancelled() or accepting.exception() is not None:
+        return None
+    conn, _ = accepting.result()
     with conn:
         while True:
             try:
-                _, fds, _, _ = socket.recv_fds(conn, 64, 1)
+                _, fds, _, _ = socket.recv_fds(conn, 64, 1, socket.MSG_CMSG_CLOEXEC)
             except BlockingIOError:
                 await wait_readable(conn.fileno())
                 continue
             if not fds:
-                raise NotFound("runtime sent no terminal")
+                return None
+            os.set_blocking(fds[0], False)
             return fds[0]
+
+
+def _kill_and_reap(pid: int, pidfd: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+    os.close(pidfd)
 
 
 _WHICH: dict[str, str] = {}
 
 
 def _which(name: str) -> str:
+    if "/" in name:
+        return name
     if name not in _WHICH:
-        import shutil
-
         path = shutil.which(name)
         if path is None:
             raise Internal(f"OCI runtime '{name}' not found on PATH")

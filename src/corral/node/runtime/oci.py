@@ -6,8 +6,16 @@ Isolation defaults (why each is there):
 - capabilities: the small set a Linux user expects from a sandbox where `sudo` works (chown, setuid,
   kill, bind low ports …) but never SYS_ADMIN, SYS_MODULE, SYS_PTRACE, NET_RAW, NET_ADMIN, SYS_TIME, MKNOD;
 - masked and read-only /proc and /sys paths as runc does;
+- a seccomp allowlist at least as strict as Docker's default (`corral.node.runtime.seccomp`);
+- no_new_privs for the init only: processes envd starts keep setuid working, because `sudo` must
+  work in a sandbox as it does in E2B's (see docs/security.md for what stops a runtime escape);
 - rlimits kept within the host's hard limits (no CAP_SYS_RESOURCE here);
-- cpu/memory/pids limits in the sandbox's own cgroup.
+- cpu/memory/pids limits in the sandbox's own cgroup; with `cpus`, a cpuset pins the sandbox to
+  those host CPUs (so `nproc` inside counts them) and the CFS quota never exceeds them;
+- `virtual_files`: host files bound read-only over kernel files whose answer must be the
+  sandbox's own: `/proc/sys/kernel/random/boot_id` (one per boot of the sandbox, so a cold boot
+  changes it and a freeze does not), `/proc/cpuinfo` and `/sys/devices/system/cpu/online` (the
+  allotted CPUs only). crun mounts them after /proc and /sys, over the kernel's files.
 """
 
 from __future__ import annotations
@@ -15,16 +23,25 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from corral.node.cgroups.cpuset import format_cpuset
 from corral.node.runtime.base import PtySize, UserIds
+from corral.node.runtime.seccomp import seccomp_profile
 
 __all__ = [
     "SANDBOX_CAPABILITIES",
     "INIT_PATH",
+    "BOOT_ID_PATH",
+    "CPUINFO_PATH",
+    "CPU_ONLINE_PATH",
     "build_sandbox_config",
     "build_exec_process",
 ]
 
 INIT_PATH = "/.corral/init"  # catatonit bind-mounted read-only from the host, run as `init -P`
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+CPUINFO_PATH = "/proc/cpuinfo"
+CPU_ONLINE_PATH = "/sys/devices/system/cpu/online"
+_VIRTUAL_FILE_PATHS = frozenset({BOOT_ID_PATH, CPUINFO_PATH, CPU_ONLINE_PATH})
 
 SANDBOX_CAPABILITIES = (
     "CAP_CHOWN",
@@ -87,13 +104,20 @@ def build_sandbox_config(
     pids_limit: int,
     nofile_hard: int,
     cgroups_path: str,
+    cpus: Sequence[int] | None = None,
+    virtual_files: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The config.json of a sandbox container whose PID 1 is a reaper that never exits.
 
     `etc_files` maps sandbox paths (/etc/hosts, /etc/resolv.conf, /etc/hostname) to host files bound
     over them; the runtime resolves mount destinations inside the rootfs, so a template cannot redirect
-    them to the host with symlinks.
+    them to the host with symlinks. `virtual_files` maps paths in `BOOT_ID_PATH`, `CPUINFO_PATH` and
+    `CPU_ONLINE_PATH` to host files bound over them; `cpus` (host CPU numbers) becomes the cpuset.
     """
+    virtual_files = dict(virtual_files or {})
+    unknown = set(virtual_files) - _VIRTUAL_FILE_PATHS
+    if unknown:
+        raise ValueError(f"not a virtualised kernel file: {sorted(unknown)}")
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
         {
@@ -127,7 +151,13 @@ def build_sandbox_config(
     ]
     for dest, source in sorted(etc_files.items()):
         mounts.append({"destination": dest, "type": "bind", "source": source, "options": ["rbind", "ro", "nosuid", "nodev"]})
+    for dest, source in sorted(virtual_files.items()):
+        mounts.append({"destination": dest, "type": "bind", "source": source, "options": ["bind", "ro", "nosuid", "nodev", "noexec"]})
     cpu_period = 100_000
+    cpu: dict[str, Any] = {"quota": cpu_count * cpu_period, "period": cpu_period}
+    if cpus:
+        cpu["quota"] = min(cpu_count, len(set(cpus))) * cpu_period
+        cpu["cpus"] = format_cpuset(cpus)
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -138,7 +168,7 @@ def build_sandbox_config(
             "cwd": "/",
             "capabilities": _capabilities(),
             "rlimits": _rlimits(nofile_hard),
-            "noNewPrivileges": False,
+            "noNewPrivileges": True,  # the reaper never execs anything
             "oomScoreAdj": 0,
         },
         "root": {"path": rootfs, "readonly": False},
@@ -159,11 +189,12 @@ def build_sandbox_config(
                 + [{"allow": True, "type": "c", "major": ma, "minor": mi, "access": "rwm"} for ma, mi in _DEVICES]
                 + [{"allow": True, "type": "c", "major": 136, "access": "rwm"}],  # /dev/pts/*
                 "memory": {"limit": memory_mb * 1024 * 1024},
-                "cpu": {"quota": cpu_count * cpu_period, "period": cpu_period},
+                "cpu": cpu,
                 "pids": {"limit": pids_limit},
             },
             "maskedPaths": list(_MASKED_PATHS),
             "readonlyPaths": list(_READONLY_PATHS),
+            "seccomp": seccomp_profile(),
         },
     }
 
