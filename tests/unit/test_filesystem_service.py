@@ -297,8 +297,3 @@ async def test_remove(client: httpx.AsyncClient, sandbox_dir: Path) -> None:
     assert (await call(client, "Remove", {"path": "does-not-exist"})).status_code == 200
     assert (await call(client, "Remove", {"path": "link"})).status_code == 200
     assert (sandbox_dir / "home/user/hello.txt").exists()
-
-
-async def test_watch_is_unimplemented(client: httpx.AsyncClient) -> None:
-    r = await call(client, "CreateWatcher", {"path": "/home/user"})
-    assert r.status_code == 501 and r.json()["code"] == "unimplemented"

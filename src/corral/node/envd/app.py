@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from corral.node.envd.context import EnvdSandbox, sandbox_from_scope
 from corral.node.envd.files_http import get_file, post_files
 from corral.node.envd.filesystem import FilesystemService
+from corral.node.envd.metrics import metrics
 from corral.node.envd.process import ProcessService
 from corral.node.envd.users import lookup_user
 from corral.spec._generated.filesystem.filesystem_connect import FilesystemASGIApplication
@@ -56,6 +57,7 @@ def build_envd_app(lookup: Callable[[Mapping[str, str]], EnvdSandbox]) -> ASGIAp
             Route("/files", get_file, methods=["GET"]),
             Route("/files", post_files, methods=["POST"]),
             Route("/envs", _envs, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
         ]
     )
 

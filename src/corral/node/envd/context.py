@@ -7,13 +7,16 @@ to the envd app; every envd handler reads it from there (`sandbox_from_scope`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
+
+from corral.node.envd.watch import WatcherRegistry
 
 if TYPE_CHECKING:
     from corral.node.envd.confined import ConfinedRoot
     from corral.node.envd.process import ProcessTable
     from corral.node.runtime.base import Spawner
+    from corral.node.sandboxes import SandboxUsage
 
 __all__ = ["EnvdSandbox", "SCOPE_KEY", "sandbox_from_scope"]
 
@@ -29,6 +32,8 @@ class EnvdSandbox:
     root: ConfinedRoot  # confined access to the sandbox's file tree
     spawner: Spawner  # starts processes inside the sandbox
     processes: ProcessTable  # processes started through envd
+    watchers: WatcherRegistry = dataclasses.field(default_factory=WatcherRegistry)  # directory watches
+    usage: Callable[[], SandboxUsage] | None = None  # what it uses now, for GET /metrics (blocking)
 
     def default_env(self) -> dict[str, str]:
         """Sandbox-level env vars every process gets (e2b-protocol.md §6.3), also served by GET /envs."""

@@ -326,10 +326,20 @@ class _FileSink:
     """One uploaded file being written: created/truncated and chowned first, data streamed in,
     metadata replaced at the end. Its methods do blocking I/O (call them from a worker thread)."""
 
-    def __init__(self, root: ConfinedRoot, path: str, user: UserIds, metadata: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        root: ConfinedRoot,
+        path: str,
+        user: UserIds,
+        metadata: Mapping[str, str],
+        sync: Callable[[], None],
+    ) -> None:
         self.path = path
         self._metadata = metadata
         root.makedirs(posixpath.dirname(path), 0o755, uid=user.uid, gid=user.gid)
+        # Recursive watchers must watch the parent before the file appears in it (a directory
+        # made just now by us or by MakeDir), or its CREATE/CHMOD/WRITE would go unseen.
+        sync()
         self._fd, _ = root.open_for_write(path, uid=user.uid, gid=user.gid)
 
     def write(self, data: bytes) -> None:
@@ -373,8 +383,10 @@ class _MultipartUpload:
         path: str | None,
         metadata: Mapping[str, str],
         boundary: bytes,
+        sync: Callable[[], None],
     ) -> None:
         self._root, self._user, self._path, self._metadata = root, user, path, metadata
+        self._sync = sync
         self.results: list[dict[str, Any]] = []
         self._sink: _FileSink | None = None
         self._headers: dict[bytes, bytes] = {}
@@ -442,7 +454,7 @@ class _MultipartUpload:
             if len(others) > 1:
                 message += f", also the following files were uploaded: {', '.join(others)}"
             raise _HttpError(400, message)
-        self._sink = _FileSink(self._root, target, self._user, self._metadata)
+        self._sink = _FileSink(self._root, target, self._user, self._metadata, self._sync)
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._sink is not None:
@@ -530,13 +542,13 @@ async def post_files(request: Request) -> Response:
             boundary = options.get(b"boundary")
             if not boundary:
                 raise _HttpError(400, "error parsing multipart form: no boundary")
-            results = await _upload_multipart(sandbox.root, user, path, metadata, boundary, body)
+            results = await _upload_multipart(sandbox, user, path, metadata, boundary, body)
         elif media_type == b"application/octet-stream":
             if not path:
                 raise _HttpError(
                     400, "the path query parameter is required for application/octet-stream uploads"
                 )
-            results = [await _upload_octet_stream(sandbox.root, user, _target(path, user), metadata, body)]
+            results = [await _upload_octet_stream(sandbox, user, _target(path, user), metadata, body)]
         else:
             raise _HttpError(
                 400, "unsupported Content-Type: use multipart/form-data or application/octet-stream"
@@ -549,9 +561,9 @@ async def post_files(request: Request) -> Response:
 
 
 async def _upload_octet_stream(
-    root: ConfinedRoot, user: UserIds, path: str, metadata: Mapping[str, str], body: AsyncIterator[bytes]
+    sandbox: EnvdSandbox, user: UserIds, path: str, metadata: Mapping[str, str], body: AsyncIterator[bytes]
 ) -> dict[str, Any]:
-    sink = await _in_thread(_FileSink, root, path, user, metadata)
+    sink = await _in_thread(_FileSink, sandbox.root, path, user, metadata, sandbox.watchers.sync)
     try:
         async for data in body:
             await _in_thread(sink.write, data)
@@ -562,14 +574,14 @@ async def _upload_octet_stream(
 
 
 async def _upload_multipart(
-    root: ConfinedRoot,
+    sandbox: EnvdSandbox,
     user: UserIds,
     path: str | None,
     metadata: Mapping[str, str],
     boundary: bytes,
     body: AsyncIterator[bytes],
 ) -> list[dict[str, Any]]:
-    upload = _MultipartUpload(root, user, path, metadata, boundary)
+    upload = _MultipartUpload(sandbox.root, user, path, metadata, boundary, sandbox.watchers.sync)
     try:
         async for data in body:
             await _in_thread(upload.feed, data)
