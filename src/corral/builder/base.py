@@ -17,6 +17,7 @@ interrupted build is removed (after unmounting anything still mounted inside it)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -41,9 +42,12 @@ __all__ = [
     "BASE_VARIANT",
     "CUSTOMIZE_SCRIPT",
     "RECIPE_KEY_VERSION",
+    "DistroRecipe",
+    "base_recipe",
     "base_recipe_digest",
-    "host_base_digest",
     "ensure_base_template",
+    "ensure_recipe_layer",
+    "host_base_digest",
     "mmdebstrap_argv",
     "recipe_digest",
 ]
@@ -143,9 +147,13 @@ def recipe_digest(
     customize_script: str,
     arch: str,
     extra_ca: Mapping[str, bytes] | None = None,
+    source: Mapping[str, object] | None = None,
 ) -> str:
-    """sha256 (hex) of the canonical JSON of a base recipe; package order and duplicates don't matter."""
-    recipe = {
+    """sha256 (hex) of the canonical JSON of a base recipe; package order and duplicates don't matter.
+
+    `source` (mirror, keyring, components) is only part of the recipe when given, so recipes on
+    Debian's default archive keep the digests they always had."""
+    recipe: dict[str, object] = {
         "key_version": RECIPE_KEY_VERSION,
         "kind": "mmdebstrap",
         "suite": suite,
@@ -153,8 +161,12 @@ def recipe_digest(
         "packages": sorted(set(packages)),
         "customize_script": customize_script,
         "arch": arch,
-        "extra_ca": {name: hashlib.sha256(data).hexdigest() for name, data in sorted((extra_ca or {}).items())},
+        "extra_ca": {
+            name: hashlib.sha256(data).hexdigest() for name, data in sorted((extra_ca or {}).items())
+        },
     }
+    if source:
+        recipe["source"] = dict(source)
     canonical = json.dumps(recipe, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -183,6 +195,9 @@ def mmdebstrap_argv(
     customize_script: str,
     target: str,
     ca_files: Sequence[str] = (),
+    mirror: str | None = None,
+    keyring: str | None = None,
+    components: Sequence[str] = (),
 ) -> list[str]:
     """The mmdebstrap command that builds a recipe into the directory `target`."""
     hooks = []
@@ -198,8 +213,11 @@ def mmdebstrap_argv(
         "--format=directory",
         f"--include={','.join(packages)}",
         *(f"--customize-hook={hook}" for hook in hooks),
+        *([f"--keyring={keyring}"] if keyring else []),
+        *([f"--components={','.join(components)}"] if components else []),
         suite,
         target,
+        *([mirror] if mirror else []),
     ]
 
 
@@ -273,7 +291,14 @@ def _run_streaming(argv: list[str], log: Callable[[str], object]) -> None:
         )
 
 
-def _build_layer(layers_dir: Path, digest: str, extra_ca: Mapping[str, bytes], log: Callable[[str], object]) -> None:
+def _build_layer(
+    layers_dir: Path,
+    digest: str,
+    extra_ca: Mapping[str, bytes],
+    log: Callable[[str], object],
+    recipe: DistroRecipe | None = None,
+) -> None:
+    recipe = recipe or base_recipe()
     tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=layers_dir))
     try:
         with tempfile.TemporaryDirectory(prefix="corral-ca-") as ca_dir:
@@ -282,12 +307,15 @@ def _build_layer(layers_dir: Path, digest: str, extra_ca: Mapping[str, bytes], l
                 (Path(ca_dir) / name).write_bytes(data)
                 ca_files.append(str(Path(ca_dir) / name))
             argv = mmdebstrap_argv(
-                suite=BASE_SUITE,
-                variant=BASE_VARIANT,
-                packages=BASE_PACKAGES,
-                customize_script=CUSTOMIZE_SCRIPT,
+                suite=recipe.suite,
+                variant=recipe.variant,
+                packages=recipe.packages,
+                customize_script=recipe.customize_script,
                 target=str(tmp),
                 ca_files=ca_files,
+                mirror=recipe.mirror,
+                keyring=recipe.keyring,
+                components=recipe.components,
             )
             _run_streaming(argv, log)
         passwd = (tmp / "etc/passwd").read_text()
@@ -298,6 +326,63 @@ def _build_layer(layers_dir: Path, digest: str, extra_ca: Mapping[str, bytes], l
     except BaseException:
         _remove_build_dir(tmp)
         raise
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DistroRecipe:
+    """A Debian-family root filesystem that mmdebstrap builds (the `base` template is one)."""
+
+    suite: str
+    variant: str = BASE_VARIANT
+    packages: tuple[str, ...] = ()
+    customize_script: str = CUSTOMIZE_SCRIPT
+    mirror: str | None = None  # None: Debian's archive
+    keyring: str | None = None  # None: Debian's keyring
+    components: tuple[str, ...] = ()
+
+    def source(self) -> dict[str, object] | None:
+        if self.mirror is None and self.keyring is None and not self.components:
+            return None
+        return {"mirror": self.mirror, "keyring": self.keyring, "components": list(self.components)}
+
+    def digest(self, arch: str, extra_ca: Mapping[str, bytes] | None = None) -> str:
+        return recipe_digest(
+            suite=self.suite,
+            variant=self.variant,
+            packages=self.packages,
+            customize_script=self.customize_script,
+            arch=arch,
+            extra_ca=extra_ca,
+            source=self.source(),
+        )
+
+
+def base_recipe() -> DistroRecipe:
+    """The recipe of the `base` template's layer."""
+    return DistroRecipe(suite=BASE_SUITE, variant=BASE_VARIANT, packages=BASE_PACKAGES)
+
+
+def ensure_recipe_layer(
+    settings: Settings, recipe: DistroRecipe, log: Callable[[str], object] = print
+) -> str:
+    """Build the layer of `recipe` unless it exists; returns its digest. Blocking (minutes on a miss)."""
+    extra_ca = host_extra_ca_certs()
+    digest = recipe.digest(_host_arch(), extra_ca)
+    store = TemplateStore(settings)
+    if store.layer_path(digest).is_dir():
+        return digest
+    layers_dir = settings.layers_dir
+    layers_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(layers_dir / _LOCK_NAME):
+        for leftover in layers_dir.glob(f"{_TMP_PREFIX}*"):
+            log(f"removing {leftover.name}, left by an interrupted build")
+            _remove_build_dir(leftover)
+        if not store.layer_path(digest).is_dir():
+            log(f"bootstrapping {recipe.suite} ({recipe.variant}) with mmdebstrap; once, a minute or two")
+            started = time.monotonic()
+            _build_layer(layers_dir, digest, extra_ca, log, recipe)
+            log(f"built layer {digest[:12]} in {time.monotonic() - started:.0f} s")
+    return digest
 
 
 def ensure_base_template(settings: Settings, log: Callable[[str], object] = print) -> TemplateManifest:

@@ -7,6 +7,13 @@ so a reader never sees half a manifest and the server can read them without a da
 
 Layers live in `layers_dir/<digest>`, named by a sha256 digest of whatever produced them (a recipe
 or a build step's cache key), so the same content is never built or stored twice.
+
+Builds and tags (E2B's model): a template has builds; tags name builds (`name:tag`, `default` when a
+ref has no tag). The manifest's top-level fields are its latest build; `tags` maps tag → build id,
+and `tagged_builds` keeps the fields of older builds some tag still points at. `get("name:v1")`
+returns the manifest as that build (`for_build`). `all_layers()` is every layer any build needs.
+Defaults for sandboxes of the template: `default_user`, `default_workdir`, `env_vars`, and
+`start_cmd` / `ready_cmd` (started at create, ready when the ready command passes).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import re
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from corral.core.errors import AlreadyExists, Internal, InvalidArgument, NotFound
 from corral.core.settings import Settings
@@ -73,13 +80,73 @@ class TemplateManifest:
     default_workdir: str = "/home/user"
     created_at: str = dataclasses.field(default_factory=now_rfc3339)
     build_id: str = dataclasses.field(default_factory=new_build_id)
+    # Env vars every process of the template's sandboxes gets (below create-time envVars).
+    env_vars: dict[str, str] = dataclasses.field(default_factory=dict)
+    start_cmd: str | None = None  # started in the background at sandbox create
+    ready_cmd: str | None = None  # the sandbox is ready once this exits 0
+    team_id: str | None = None  # owner; None: a system template every team may use (base)
+    updated_at: str | None = None
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)  # tag → build id
+    tagged_builds: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # build id → fields
+
+    # The fields that differ per build (what `tagged_builds` keeps for older builds).
+    BUILD_FIELDS: ClassVar[tuple[str, ...]] = (
+        "layers",
+        "cpu_count",
+        "memory_mb",
+        "disk_size_mb",
+        "default_user",
+        "default_workdir",
+        "created_at",
+        "build_id",
+        "env_vars",
+        "start_cmd",
+        "ready_cmd",
+    )
 
     def __post_init__(self) -> None:
         if not _TEMPLATE_ID_RE.match(self.template_id):
             raise InvalidArgument(f"invalid template id {self.template_id!r}")
-        for digest in self.layers:
+        for digest in self.all_layers():
             if not is_layer_digest(digest):
                 raise InvalidArgument(f"invalid layer digest {digest!r} in template '{self.template_id}'")
+
+    @property
+    def public(self) -> bool:
+        return self.team_id is None
+
+    def build_fields(self) -> dict[str, Any]:
+        fields = {name: getattr(self, name) for name in self.BUILD_FIELDS}
+        fields["layers"] = list(self.layers)
+        fields["env_vars"] = dict(self.env_vars)
+        return fields
+
+    def for_build(self, build_id: str) -> TemplateManifest:
+        """The manifest as build `build_id` (the latest one or a tagged older one)."""
+        if build_id == self.build_id:
+            return self
+        fields = self.tagged_builds.get(build_id)
+        if fields is None:
+            raise NotFound(f"build '{build_id}' of template '{self.template_id}' not found")
+        values = {name: fields[name] for name in self.BUILD_FIELDS if name in fields}
+        values["layers"] = tuple(values.get("layers", ()))
+        return dataclasses.replace(self, **values)
+
+    def for_tag(self, tag: str) -> TemplateManifest:
+        """The build a tag names; `default` without such a tag is the latest build."""
+        build_id = self.tags.get(tag)
+        if build_id is None:
+            if tag == DEFAULT_TAG:
+                return self
+            raise NotFound(f"template '{self.template_id}:{tag}' not found")
+        return self.for_build(build_id)
+
+    def all_layers(self) -> tuple[str, ...]:
+        """Every layer the latest build or any tagged build needs (what GC must keep)."""
+        found = list(self.layers)
+        for fields in self.tagged_builds.values():
+            found.extend(d for d in fields.get("layers", ()) if d not in found)
+        return tuple(found)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -91,6 +158,9 @@ class TemplateManifest:
         values = {k: v for k, v in data.items() if k in known}
         values["names"] = tuple(values.get("names", ()))
         values["layers"] = tuple(values.get("layers", ()))
+        for name in ("env_vars", "tags", "tagged_builds"):
+            if values.get(name) is None:
+                values.pop(name, None)
         return cls(**values)
 
 
@@ -118,17 +188,28 @@ class TemplateStore:
         return sorted(manifests, key=lambda m: (m.created_at, m.template_id))
 
     def get(self, id_or_name: str) -> TemplateManifest:
-        """Look a template up by id, `name` or `name:default`."""
+        """Look a template up by id or name, with an optional `:tag` (the build that tag names)."""
         name, tag = parse_template_ref(id_or_name)
-        if tag == DEFAULT_TAG:
-            if _TEMPLATE_ID_RE.match(name):
-                path = self._templates_dir / f"{name}.json"
-                if path.is_file():
-                    return self._read(path)
-            for manifest in self.list():
-                if name in manifest.names:
-                    return manifest
+        manifest = self.find(name)
+        if manifest is not None:
+            try:
+                return manifest.for_tag(tag)
+            except NotFound:
+                pass
         raise NotFound(f"template '{id_or_name}' not found")
+
+    def find(self, id_or_name: str) -> TemplateManifest | None:
+        """The template with this id or name (no tag), as its latest build; None if there is none."""
+        if not id_or_name:
+            return None
+        if _TEMPLATE_ID_RE.match(id_or_name):
+            path = self._templates_dir / f"{id_or_name}.json"
+            if path.is_file():
+                return self._read(path)
+        for manifest in self.list():
+            if id_or_name in manifest.names:
+                return manifest
+        return None
 
     def save(self, manifest: TemplateManifest) -> None:
         """Write (or replace) a manifest atomically. A name belongs to one template only."""

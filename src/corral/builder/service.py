@@ -1,0 +1,529 @@
+"""The template service: what the template routes call (e2b-protocol.md §2.3, §2.4).
+
+    service = TemplateBuildService(settings, node, templates)   # composition root
+    await service.start() ... await service.aclose()
+
+Flow of one build (the official SDK's `Template.build`):
+
+    request_build   POST /v3/templates           → a build record (waiting) and a template id
+    upload_link     GET  /templates/{id}/files/{hash} → {present, url}; the client PUTs to `url`
+    start_build     POST /v2/templates/{id}/builds/{buildID} → the plan is queued (building)
+    build_status    GET  /templates/{id}/builds/{buildID}/status?logsOffset=N → logs and status
+
+Lifecycle of a build (`BuildStatus`): waiting → building → ready | error. At most
+`max_concurrent_builds` run at once; the others wait for a slot (still "building" to the client,
+with a log line saying so). A build publishes its template only when it succeeded: a failing first
+build leaves no template, a failing rebuild leaves the previous build and its tags in place.
+
+Builds live in memory (a restart forgets them; their layers and the cache stay). Templates, their
+builds' fields and their tags live in the manifests (`TemplateStore`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import enum
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from corral.builder.cache import BuildCache, FileBuildCache
+from corral.builder.executor import BuildExecutor, BuildJob, BuildOutcome, StepFailed
+from corral.builder.logs import BuildLog
+from corral.builder.registry import RegistryConfig, RegistryPuller
+from corral.builder.steps import BuildPlan, FromTemplate, plan_from_e2b
+from corral.builder.uploads import UploadStore
+from corral.core.errors import (
+    Aborted,
+    AlreadyExists,
+    CorralError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from corral.core.ids import new_sandbox_id
+from corral.core.sandbox import ENVD_VERSION
+from corral.core.settings import Settings
+from corral.node.storage.templates import DEFAULT_TAG, TemplateManifest, TemplateStore, now_rfc3339
+
+__all__ = [
+    "INTERNAL_ERROR_MESSAGE",
+    "BuildRecord",
+    "BuildStatus",
+    "TemplateBuildService",
+    "parse_name",
+    "template_json",
+    "validate_tags",
+]
+
+log = logging.getLogger(__name__)
+
+INTERNAL_ERROR_MESSAGE = "An internal error occurred. Please try again or contact support with the build ID."
+MAX_CONCURRENT_BUILDS = 2
+MAX_RETAINED_BUILDS = 200  # finished builds whose status stays queryable
+UPLOAD_RETENTION_S = 7 * 24 * 3600.0
+_IDENTIFIER_RE = re.compile(r"^[a-z0-9-_]+$")
+_TAG_RE = re.compile(r"^[a-z0-9-_.]+$")
+
+
+class BuildStatus(enum.StrEnum):
+    """Lifecycle of a build. Legal transitions: waiting→building→(ready|error); waiting→error."""
+
+    WAITING = "waiting"  # requested (POST /v3/templates), steps not yet posted
+    BUILDING = "building"  # steps posted: queued for a slot or running
+    READY = "ready"  # published: the template (and its tags) point at this build
+    ERROR = "error"  # failed; nothing published
+
+
+_TRANSITIONS = {
+    BuildStatus.WAITING: {BuildStatus.BUILDING, BuildStatus.ERROR},
+    BuildStatus.BUILDING: {BuildStatus.READY, BuildStatus.ERROR},
+    BuildStatus.READY: set(),
+    BuildStatus.ERROR: set(),
+}
+
+
+def parse_name(value: str) -> tuple[str, str | None]:
+    """E2B's `[namespace/]alias[:tag]` → (identifier, tag or None for default), lower-cased."""
+    value = value.strip()
+    identifier, sep, tag_part = value.partition(":")
+    tag: str | None = None
+    if sep:
+        cleaned = tag_part.strip().lower()
+        if not _TAG_RE.match(cleaned):
+            raise InvalidArgument(f"Invalid name: invalid tag: {tag_part}")
+        tag = None if cleaned == DEFAULT_TAG else cleaned
+    parts = identifier.split("/")
+    if len(parts) > 2:
+        raise InvalidArgument(f"Invalid name: {value}")
+    cleaned_parts = []
+    for part in parts:
+        cleaned = part.strip().lower()
+        if not _IDENTIFIER_RE.match(cleaned):
+            raise InvalidArgument(f"Invalid name: invalid template ID: {part}")
+        cleaned_parts.append(cleaned)
+    return "/".join(cleaned_parts), tag
+
+
+def validate_tags(tags: Sequence[str]) -> list[str]:
+    """Lower-cased, de-duplicated tags; E2B's rules (no `:`, not a UUID)."""
+    out: list[str] = []
+    for tag in tags:
+        cleaned = str(tag).strip().lower()
+        if not _TAG_RE.match(cleaned):
+            raise InvalidArgument(f"Invalid tag: invalid tag '{tag}'")
+        with contextlib.suppress(ValueError):
+            uuid.UUID(cleaned)
+            raise InvalidArgument(f"Invalid tag: tag '{tag}' cannot be a UUID")
+        if cleaned not in out:
+            out.append(cleaned)
+    return out
+
+
+@dataclasses.dataclass(eq=False)
+class BuildRecord:
+    build_id: str
+    template_id: str
+    team_id: str
+    name: str
+    tags: tuple[str, ...]
+    cpu_count: int
+    memory_mb: int
+    status: BuildStatus = BuildStatus.WAITING
+    log: BuildLog = dataclasses.field(default_factory=BuildLog)
+    reason: dict[str, Any] | None = None
+    plan: BuildPlan | None = None
+    created_at: str = dataclasses.field(default_factory=now_rfc3339)
+    finished_at: str | None = None
+
+    def move_to(self, status: BuildStatus) -> None:
+        if status not in _TRANSITIONS[self.status]:
+            raise Aborted(f"build {self.build_id} is {self.status.value}, it cannot become {status.value}")
+        self.status = status
+        if status in (BuildStatus.READY, BuildStatus.ERROR):
+            self.finished_at = now_rfc3339()
+
+
+class TemplateBuildService:
+    def __init__(
+        self,
+        settings: Settings,
+        node: Any,
+        templates: TemplateStore,
+        *,
+        cache: BuildCache | None = None,
+        uploads: UploadStore | None = None,
+        executor: Any = None,
+        max_concurrent_builds: int = MAX_CONCURRENT_BUILDS,
+    ) -> None:
+        self.settings = settings
+        self.templates = templates
+        self.cache = cache if cache is not None else FileBuildCache(settings.home / "build-cache")
+        self.uploads = uploads if uploads is not None else UploadStore(settings.home / "build-files")
+        self.executor = executor or BuildExecutor(
+            node,
+            templates,
+            self.cache,
+            self.uploads,
+            settings,
+            pull_image=RegistryPuller(settings.layers_dir, RegistryConfig.from_env()).pull,
+        )
+        self._builds: dict[str, BuildRecord] = {}
+        self._pending: dict[str, tuple[str, str]] = {}  # template id → (team, name) before its first build
+        self._slots = asyncio.Semaphore(max_concurrent_builds)
+        self._template_locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.uploads.remove_older_than, UPLOAD_RETENTION_S)
+
+    async def aclose(self) -> None:
+        """Cancel running builds (they end as errors) and wait for them to clean up."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _lock(self, template_id: str) -> asyncio.Lock:
+        return self._template_locks.setdefault(template_id, asyncio.Lock())
+
+    @contextlib.asynccontextmanager
+    async def _owned_locked(self, team_id: str, id_or_name: str) -> AsyncIterator[TemplateManifest]:
+        """The team's template, read again under its lock (for read-modify-write of its manifest)."""
+        template_id = self._owned(team_id, id_or_name).template_id
+        async with self._lock(template_id):
+            yield self._owned(team_id, template_id)
+
+    def _owned(self, team_id: str, id_or_name: str) -> TemplateManifest:
+        """The team's own template (by id or name); 403 for a system template, 404 otherwise."""
+        manifest = self.templates.find(id_or_name)
+        if manifest is None:
+            raise NotFound(f"template '{id_or_name}' not found")
+        if manifest.team_id is None:
+            raise PermissionDenied(f"template '{id_or_name}' belongs to this server, not to your team")
+        if manifest.team_id != team_id:
+            raise NotFound(f"template '{id_or_name}' not found")
+        return manifest
+
+    def _visible(self, team_id: str, ref: str) -> TemplateManifest:
+        manifest = self.templates.get(ref)
+        if manifest.team_id not in (None, team_id):
+            raise NotFound(f"template '{ref}' not found")
+        return manifest
+
+    def _build(self, team_id: str, template_id: str, build_id: str) -> BuildRecord:
+        record = self._builds.get(build_id)
+        if (
+            record is None
+            or record.team_id != team_id
+            or template_id not in (record.template_id, record.name)
+        ):
+            raise NotFound(f"build '{build_id}' of template '{template_id}' not found")
+        return record
+
+    def _forget_old_builds(self) -> None:
+        finished = [r for r in self._builds.values() if r.finished_at is not None]
+        for record in sorted(finished, key=lambda r: r.finished_at or "")[
+            : max(0, len(finished) - MAX_RETAINED_BUILDS)
+        ]:
+            del self._builds[record.build_id]
+
+    # -- POST /v3/templates ------------------------------------------------------------------------
+
+    async def request_build(
+        self, team_id: str, name: str, tags: Sequence[str], cpu_count: int, memory_mb: int
+    ) -> dict[str, Any]:
+        identifier, tag = parse_name(name)
+        all_tags = validate_tags(([tag] if tag else []) + list(tags)) or [DEFAULT_TAG]
+        existing = self.templates.find(identifier)
+        if existing is not None:
+            if existing.team_id is None:
+                raise PermissionDenied(
+                    f"the name '{identifier}' is taken by a template this server provides or by a snapshot"
+                )
+            if existing.team_id != team_id:
+                raise AlreadyExists(f"template name '{identifier}' is taken by another team")
+            template_id = existing.template_id
+        else:
+            template_id = (
+                next(
+                    (
+                        tid
+                        for tid, (team, pending) in self._pending.items()
+                        if team == team_id and pending == identifier
+                    ),
+                    None,
+                )
+                or new_sandbox_id()
+            )
+            self._pending[template_id] = (team_id, identifier)
+        record = BuildRecord(
+            build_id=str(uuid.uuid4()),
+            template_id=template_id,
+            team_id=team_id,
+            name=identifier,
+            tags=tuple(all_tags),
+            cpu_count=cpu_count,
+            memory_mb=memory_mb,
+        )
+        self._forget_old_builds()
+        self._builds[record.build_id] = record
+        return {
+            "templateID": template_id,
+            "buildID": record.build_id,
+            "public": False,
+            "names": [identifier],
+            "aliases": [identifier],
+            "tags": all_tags,
+        }
+
+    # -- GET /templates/{id}/files/{hash} + PUT /upload/<token> ------------------------------------
+
+    def _check_template_of_team(self, team_id: str, template_id: str) -> None:
+        pending = self._pending.get(template_id)
+        if pending is not None and pending[0] == team_id:
+            return
+        manifest = self.templates.find(template_id)
+        if manifest is None or manifest.team_id != team_id:
+            raise NotFound(f"template '{template_id}' not found")
+
+    async def upload_link(
+        self, team_id: str, template_id: str, files_hash: str, base_url: str
+    ) -> dict[str, Any]:
+        self._check_template_of_team(team_id, template_id)
+        present = self.uploads.present(team_id, files_hash)
+        token = self.uploads.issue(team_id, files_hash)
+        return {"present": present, "url": f"{base_url.rstrip('/')}/upload/{token}"}
+
+    async def receive_upload(self, token: str, chunks: Any, declared_size: int | None) -> int:
+        return await self.uploads.receive(token, chunks, declared_size)
+
+    # -- POST /v2/templates/{id}/builds/{buildID} ----------------------------------------------------
+
+    async def start_build(
+        self, team_id: str, template_id: str, build_id: str, body: Mapping[str, Any]
+    ) -> None:
+        record = self._build(team_id, template_id, build_id)
+        plan = plan_from_e2b(body)
+        if isinstance(plan.base, FromTemplate):
+            self._visible(team_id, plan.base.template)  # 404 now rather than a failed build later
+        if record.status is not BuildStatus.WAITING:
+            raise AlreadyExists(f"build '{build_id}' was already started")
+        record.plan = plan
+        record.move_to(BuildStatus.BUILDING)
+        record.log.add(f"Building template {record.template_id}/{record.build_id}")
+        task = asyncio.get_running_loop().create_task(self._run(record), name=f"build-{build_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, record: BuildRecord) -> None:
+        assert record.plan is not None
+        started = time.monotonic()
+        try:
+            if self._slots.locked():
+                record.log.add("Waiting for a free build slot (other builds are running)")
+            async with self._slots:
+                job = BuildJob(
+                    build_id=record.build_id,
+                    template_id=record.template_id,
+                    scope=record.team_id,
+                    plan=record.plan,
+                    cpu_count=record.cpu_count,
+                    memory_mb=record.memory_mb,
+                    log=record.log,
+                )
+                outcome = await self.executor.run(job)
+                await self._publish(record, outcome)
+        except StepFailed as exc:
+            self._fail(record, exc.message, exc.step)
+        except asyncio.CancelledError:
+            self._fail(record, "build was cancelled", None)
+            raise
+        except CorralError as exc:
+            self._fail(record, exc.message, None)
+        except Exception:
+            log.exception("build %s of template %s failed", record.build_id, record.template_id)
+            self._fail(record, INTERNAL_ERROR_MESSAGE, None)
+        else:
+            took = datetime.timedelta(seconds=int(time.monotonic() - started))
+            record.log.add(f"Build finished, took {took}")
+            record.move_to(BuildStatus.READY)
+
+    def _fail(self, record: BuildRecord, message: str, step: str | None) -> None:
+        record.log.add(f"Build failed: {message}", "error", step)
+        record.reason = {"message": message}
+        if step is not None:
+            record.reason["step"] = step
+        record.move_to(BuildStatus.ERROR)
+        others = any(
+            r.template_id == record.template_id and r.finished_at is None for r in self._builds.values()
+        )
+        if not others:  # a template that never built stays unknown
+            self._pending.pop(record.template_id, None)
+
+    async def _publish(self, record: BuildRecord, outcome: BuildOutcome) -> None:
+        async with self._lock(record.template_id):
+            existing = self.templates.find(record.template_id)
+            now = now_rfc3339()
+            old_tags: dict[str, str] = {}
+            older: dict[str, dict[str, Any]] = {}
+            if existing is not None:
+                old_tags = dict(existing.tags) or {DEFAULT_TAG: existing.build_id}
+                older = dict(existing.tagged_builds)
+                older[existing.build_id] = existing.build_fields()
+            tags = {**old_tags, **{tag: record.build_id for tag in record.tags}}
+            tagged = {
+                bid: fields
+                for bid, fields in older.items()
+                if bid in tags.values() and bid != record.build_id
+            }
+            manifest = TemplateManifest(
+                template_id=record.template_id,
+                names=existing.names if existing is not None else (record.name,),
+                layers=outcome.layers,
+                cpu_count=record.cpu_count,
+                memory_mb=record.memory_mb,
+                default_user=outcome.context.user,
+                default_workdir=outcome.context.workdir or "/",
+                created_at=existing.created_at if existing is not None else now,
+                build_id=record.build_id,
+                env_vars=outcome.context.env_dict(),
+                start_cmd=outcome.start_cmd,
+                ready_cmd=outcome.ready_cmd,
+                team_id=record.team_id,
+                updated_at=now,
+                tags=tags,
+                tagged_builds=tagged,
+            )
+            await asyncio.to_thread(self.templates.save, manifest)
+            self._pending.pop(record.template_id, None)
+
+    # -- GET /templates/{id}/builds/{buildID}/status -------------------------------------------------
+
+    async def build_status(
+        self, team_id: str, template_id: str, build_id: str, logs_offset: int
+    ) -> dict[str, Any]:
+        record = self._build(team_id, template_id, build_id)
+        entries = record.log.page(logs_offset)
+        body: dict[str, Any] = {
+            "templateID": record.template_id,
+            "buildID": record.build_id,
+            "status": record.status.value,
+            "logEntries": [entry.to_json() for entry in entries],
+            "logs": [f"{entry.to_json()['timestamp']} {entry.message}" for entry in entries],
+        }
+        if record.reason is not None:
+            reason = dict(record.reason)
+            reason["logEntries"] = [e.to_json() for e in record.log.tail(20) if e.level in ("warn", "error")]
+            body["reason"] = reason
+        return body
+
+    # -- aliases, tags, list, delete ---------------------------------------------------------------
+
+    async def alias(self, team_id: str, alias: str) -> dict[str, Any]:
+        manifest = self.templates.find(alias)
+        if manifest is None:
+            raise NotFound(f"template '{alias}' not found")
+        if manifest.team_id not in (None, team_id):
+            raise PermissionDenied(f"You don't have access to sandbox template '{alias}'")
+        return {"templateID": manifest.template_id, "public": manifest.public}
+
+    async def assign_tags(self, team_id: str, target: str, tags: Sequence[str]) -> dict[str, Any]:
+        if not tags:
+            raise InvalidArgument("At least one tag is required")
+        identifier, tag = parse_name(target)
+        cleaned = validate_tags(tags)
+        async with self._owned_locked(team_id, identifier) as manifest:
+            try:
+                source = manifest.for_tag(tag or DEFAULT_TAG)
+            except NotFound:
+                raise NotFound(f"Template '{target}' with tag '{tag or DEFAULT_TAG}' not found") from None
+            new_tags = dict(manifest.tags) or {DEFAULT_TAG: manifest.build_id}
+            new_tags.update({t: source.build_id for t in cleaned})
+            updated = dataclasses.replace(manifest, tags=new_tags, updated_at=now_rfc3339())
+            await asyncio.to_thread(self.templates.save, updated)
+        return {"buildID": source.build_id, "tags": cleaned}
+
+    async def remove_tags(self, team_id: str, name: str, tags: Sequence[str]) -> None:
+        if not tags:
+            raise InvalidArgument("At least one tag is required")
+        identifier, _ = parse_name(name)
+        cleaned = validate_tags(tags)
+        async with self._owned_locked(team_id, identifier) as manifest:
+            current = dict(manifest.tags) or {DEFAULT_TAG: manifest.build_id}
+            missing = [t for t in cleaned if t not in current]
+            if missing:
+                raise NotFound(f"tag '{missing[0]}' of template '{identifier}' not found")
+            for tag in cleaned:
+                del current[tag]
+            kept = {bid: f for bid, f in manifest.tagged_builds.items() if bid in current.values()}
+            updated = dataclasses.replace(
+                manifest, tags=current, tagged_builds=kept, updated_at=now_rfc3339()
+            )
+            await asyncio.to_thread(self.templates.save, updated)
+
+    async def list_tags(self, team_id: str, id_or_name: str) -> list[dict[str, Any]]:
+        identifier, _ = parse_name(id_or_name) if ":" in id_or_name else (id_or_name, None)
+        manifest = self.templates.find(identifier)
+        if manifest is None or manifest.team_id not in (None, team_id):
+            raise NotFound(f"template '{id_or_name}' not found")
+        tags = dict(manifest.tags) or {DEFAULT_TAG: manifest.build_id}
+        out = []
+        for tag, build_id in sorted(tags.items()):
+            try:
+                created = manifest.for_build(build_id).created_at
+            except NotFound:
+                continue
+            out.append({"tag": tag, "buildID": _as_uuid(build_id), "createdAt": created})
+        return out
+
+    async def list_templates(self, team_id: str) -> list[dict[str, Any]]:
+        return [template_json(m) for m in self.templates.list() if m.team_id == team_id]
+
+    async def delete_template(self, team_id: str, id_or_name: str) -> bool:
+        """Delete the team's built template; False when there is none by that id or name (it may be
+        a snapshot, which the sandbox service deletes). Its layers stay until collected."""
+        manifest = self.templates.find(id_or_name)
+        if manifest is None or manifest.team_id != team_id:
+            return False
+        async with self._owned_locked(team_id, id_or_name) as manifest:
+            await asyncio.to_thread(self.templates.delete, manifest.template_id)
+        return True
+
+
+def _as_uuid(build_id: str) -> str:
+    """Tags answer with UUID build ids (the SDK parses them); older manifests may hold other ids."""
+    try:
+        return str(uuid.UUID(build_id))
+    except ValueError:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"corral-build:{build_id}"))
+
+
+def template_json(manifest: TemplateManifest) -> dict[str, Any]:
+    """E2B `Template` (an item of `GET /templates`)."""
+    return {
+        "templateID": manifest.template_id,
+        "buildID": manifest.build_id,
+        "cpuCount": manifest.cpu_count,
+        "memoryMB": manifest.memory_mb,
+        "diskSizeMB": manifest.disk_size_mb,
+        "public": manifest.public,
+        "aliases": list(manifest.names),
+        "names": list(manifest.names),
+        "createdAt": manifest.created_at,
+        "updatedAt": manifest.updated_at or manifest.created_at,
+        "createdBy": None,
+        "lastSpawnedAt": None,
+        "spawnCount": 0,
+        "buildCount": 1 + len(manifest.tagged_builds),
+        "envdVersion": ENVD_VERSION,
+        "buildStatus": "ready",
+    }
