@@ -44,7 +44,12 @@ packages=(
     tmux
     protobuf-compiler  # `make generate`
     ca-certificates
+    docker-registry  # tests: a local OCI registry for template pulls
+    umoci skopeo     # tests: build and push images into it
 )
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    packages+=(nodejs npm)  # tests: the official JS SDK smoke test
+fi
 if [[ "$need_debian_python" -eq 1 ]]; then
     packages+=(python3 python3-venv)
 fi
