@@ -135,10 +135,13 @@ def server(
         )
         print(f"export E2B_API_URL={url} E2B_SANDBOX_URL={url} E2B_API_KEY={key}\n", flush=True)
 
+    from corral.server.http_limits import http_protocol
+
     uvicorn.run(
         create_app(settings, on_ready=ready),
         host=settings.host,
         port=settings.port,
+        http=http_protocol(),  # request heads must arrive in time and within a size (slowloris)
         log_level=log_level,
         lifespan="on",
         timeout_graceful_shutdown=2,

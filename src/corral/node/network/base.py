@@ -3,13 +3,18 @@
 Lifecycle of an attachment: `ensure_host()` once per process (idempotent; re-adopts sandboxes that
 survived a server restart) → `attach(id, allow_internet)` before the sandbox's container starts →
 the container joins `Attachment.netns_path` → `detach(id)` after the container is gone (idempotent).
+`set_policy(id, policy)` replaces an attached sandbox's `NetworkPolicy`, or stages it for the
+attach to come; `policy(id)` is the one in force.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from corral.node.network.policy import NetworkPolicy
 
 __all__ = ["Attachment", "Network"]
 
@@ -34,6 +39,8 @@ class Network(Protocol):
     async def ensure_host(self) -> None: ...
     async def attach(self, sandbox_id: str, allow_internet: bool) -> Attachment: ...
     async def detach(self, sandbox_id: str) -> None: ...
+    async def set_policy(self, sandbox_id: str, policy: NetworkPolicy) -> None: ...
+    def policy(self, sandbox_id: str) -> NetworkPolicy | None: ...
     async def list_attached(self) -> dict[str, Attachment]: ...
     async def used_ips(self) -> set[ipaddress.IPv4Address]: ...
     async def close(self) -> None: ...

@@ -1,9 +1,18 @@
 """The executor: applies the plans of `links`, `ruleset` and `dns` to this host.
 
 State lives in the kernel, not beside it: named namespaces `<bridge>-<id>` under /var/run/netns,
-bridge ports whose alias records `id, ip, internet`, and the nftables sets. A restarted server
-rebuilds everything from those (`ensure_host`), so sandboxes that kept running keep their
-addresses, their policy and their connectivity.
+bridge ports whose alias records `id, ip, internet`, and the nftables sets. The one thing the kernel
+cannot hold in a readable form, a sandbox's egress rules and ingress settings (`NetworkPolicy`),
+is kept beside it in `<state_dir>/<id>.json` (a tmpfs under /run: it lives as long as the
+namespaces do), written before the rules it describes are applied. A restarted server rebuilds
+everything from those (`ensure_host`), so sandboxes that kept running keep their addresses, their
+policy and their connectivity.
+
+Policies: `set_policy(id, policy)` before `attach` stages the policy the sandbox starts with (so
+it never runs a moment without it); on an attached sandbox it replaces the policy at once (one nft
+transaction for the chains, then the `no_egress` element and the port alias when "nothing gets
+out" flips). Domain rules are enforced by the inspecting proxy (`egress_proxy`), which this class
+runs on the gateway beside the DNS forwarder.
 
 Concurrency: one asyncio lock guards the in-memory view (addresses in use, attachments, attaches
 in progress) and the whole-ruleset rewrite of `ensure_host`, which renders the sets from that view;
@@ -19,15 +28,17 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
+import json
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 from corral.core.errors import AlreadyExists, FailedPrecondition, Internal
 from corral.core.settings import Settings
 from corral.node.network import _exec
-from corral.node.network.addressing import allocate_ip
+from corral.node.network.addressing import allocate_ip, denied_networks
 from corral.node.network.base import Attachment
 from corral.node.network.dns import (
     DNS_PORT,
@@ -38,6 +49,7 @@ from corral.node.network.dns import (
     host_upstreams,
     start_dns_forwarder,
 )
+from corral.node.network.egress_proxy import EgressProxy
 from corral.node.network.links import (
     DEFAULT_MTU,
     PortInfo,
@@ -60,14 +72,18 @@ from corral.node.network.naming import (
     port_prefix,
     sandbox_id_from_netns,
     sandbox_mac,
+    table_name,
     veth_name,
 )
+from corral.node.network.policy import EgressPolicy, NetworkPolicy
 from corral.node.network.ruleset import (
     PortBinding,
     nft_error_is_missing,
     render_add_elements,
     render_delete_elements,
     render_delete_tables,
+    render_policy_delete,
+    render_policy_update,
     render_ruleset,
 )
 
@@ -83,7 +99,12 @@ class SandboxNetwork:
     `dns_upstreams`: resolvers the forwarder asks (default: the host's /etc/resolv.conf);
     `dns=False` runs no forwarder (tests of the rules alone); `dns_policy(qname, client)` is
     consulted for every query from a sandbox allowed to resolve; sandboxes without internet access
-    get REFUSED unless `dns_without_internet=True`, since DNS would be their one way out.
+    get REFUSED unless `dns_without_internet=True`, since DNS would be their one way out; the
+    others get REFUSED for names their egress policy does not allow (`EgressPolicy.allows_name`).
+    `egress_proxy=False` runs no inspecting proxy: TCP that a domain rule would need inspected is
+    then dropped. `state_dir` holds the policies (default `/run/corral/network-<bridge>`).
+    `policy_source(sandbox_id)`, when set, gives the policy of a sandbox being attached that has
+    none staged (the control plane's record; None: the default for its `allow_internet`).
     """
 
     def __init__(
@@ -95,6 +116,8 @@ class SandboxNetwork:
         dns_port: int = DNS_PORT,
         dns_policy: DnsPolicy | None = None,
         dns_without_internet: bool = False,
+        egress_proxy: bool = True,
+        state_dir: Path | None = None,
         command_timeout: float = 10.0,
     ) -> None:
         self.bridge = settings.bridge
@@ -121,6 +144,13 @@ class SandboxNetwork:
         self._mtu = DEFAULT_MTU
         self._host_ready = False
         self._dns: DnsForwarder | None = None
+        self._proxy_enabled = egress_proxy
+        self._proxy: EgressProxy | None = None
+        self._state_dir = state_dir or Path("/run/corral") / f"network-{self.bridge}"
+        self._policies: dict[str, NetworkPolicy] = {}  # of attached, pending and releasing sandboxes
+        self._staged: dict[str, NetworkPolicy] = {}  # set before attach
+        self._denied: list[ipaddress.IPv4Network] = denied_networks(self.subnet)
+        self.policy_source: Callable[[str], NetworkPolicy | None] | None = None
 
     # -- host ------------------------------------------------------------------------------
 
@@ -141,10 +171,18 @@ class SandboxNetwork:
             _write_sysctl("net/ipv6/conf/" + self.bridge + "/disable_ipv6", "1")
             _write_sysctl("net/ipv4/ip_forward", "1")
             addrs = _exec.parse_json((await self._ip_run("-json", "addr", "show")).stdout)
+            host_networks = parse_host_networks(addrs)
+            self._denied = denied_networks(self.subnet, host_networks)
 
             if not self._host_ready:  # first time in this process: the kernel is the truth
                 self._attached = await self._scan()
-            await self._apply_ruleset(parse_host_networks(addrs))
+                self._policies = {i: self._load_policy(a) for i, a in self._attached.items()}
+                self._forget_other_policies(keep=set(self._attached))
+            if self._proxy_enabled and self._proxy is None:
+                self._proxy = EgressProxy(str(self.gateway), self._egress_policy_of, self._is_denied)
+                await self._proxy.start()
+                log.info("egress proxy on %s:%s", self.gateway, self._proxy.port)
+            await self._apply_ruleset(host_networks)
             self._host_ready = True
 
             if self._dns_enabled and self._dns is None:
@@ -159,10 +197,14 @@ class SandboxNetwork:
                 log.info("dns forwarder on %s:%s -> %s", self.gateway, self._dns_port, upstreams)
 
     async def close(self) -> None:
-        """Stop the DNS forwarder; namespaces, bridge and rules stay (sandboxes keep running)."""
+        """Stop the DNS forwarder and the egress proxy; namespaces, bridge and rules stay
+        (sandboxes keep running; until the next start, inspected connections are refused)."""
         if self._dns is not None:
             dns, self._dns = self._dns, None
             await dns.aclose()
+        if self._proxy is not None:
+            proxy, self._proxy = self._proxy, None
+            await proxy.aclose()
 
     async def teardown_host(self) -> None:
         """Remove every sandbox network of this bridge, the rules and the bridge. For tests."""
@@ -174,24 +216,38 @@ class SandboxNetwork:
             if result.returncode != 0 and not is_missing_object_error(result.stderr):
                 raise Internal(f"cannot delete bridge {self.bridge}: {result.stderr.strip()}")
             self._attached.clear()
+            self._policies.clear()
             self._host_ready = False
+        with contextlib.suppress(OSError):
+            for leftover in self._state_dir.glob("*.json"):
+                leftover.unlink()
 
     # -- sandboxes -------------------------------------------------------------------------
 
     async def attach(self, sandbox_id: str, allow_internet: bool) -> Attachment:
-        """Create the sandbox's namespace, wired to the bridge with a fresh address."""
+        """Create the sandbox's namespace, wired to the bridge with a fresh address.
+
+        Its policy is the one staged by `set_policy`, else the default: open, or nothing out
+        when `allow_internet` is False.
+        """
         netns_name(self.netns_prefix, sandbox_id)  # rejects a malformed id before anything happens
         if not self._host_ready:
             raise FailedPrecondition("ensure_host() must run before attach()")
         async with self._for_sandbox(sandbox_id):
+            policy = self._staged.pop(sandbox_id, None)
+            if policy is None and self.policy_source is not None:
+                policy = self.policy_source(sandbox_id)
+            policy = policy or NetworkPolicy.default(allow_internet)
             async with self._lock:
                 if sandbox_id in self._attached:
                     raise AlreadyExists(f"sandbox {sandbox_id} already has a network")
                 ip = allocate_ip(self.subnet, self._used(), after=self._cursor)
                 self._cursor = ip
-                att = self._attachment(sandbox_id, ip, allow_internet)
+                att = self._attachment(sandbox_id, ip, policy.allow_internet)
                 self._pending[sandbox_id] = att
+                self._policies[sandbox_id] = policy
             try:
+                await asyncio.to_thread(self._save_policy, sandbox_id, policy)
                 if os.path.lexists(att.netns_path):  # left by a crash mid-attach: start clean
                     await self._unwire(att.netns_name, att.veth_host, await self._lookup_unowned(sandbox_id))
                 async with asyncio.TaskGroup() as tg:
@@ -203,9 +259,11 @@ class SandboxNetwork:
                 try:
                     with contextlib.suppress(Exception):
                         await self._unwire(att.netns_name, att.veth_host, att)
+                    self._forget_policy(sandbox_id)
                 finally:
                     async with self._lock:
                         self._releasing.pop(sandbox_id, None)
+                        self._policies.pop(sandbox_id, None)
                 if isinstance(exc, BaseExceptionGroup):
                     first = exc.exceptions[0]
                     raise (first if isinstance(first, Internal) else Internal(str(first))) from exc
@@ -227,12 +285,49 @@ class SandboxNetwork:
             done = False
             try:
                 await self._unwire(ns, veth, att or await self._lookup_unowned(sandbox_id))
+                self._forget_policy(sandbox_id)
                 done = True
             finally:
                 async with self._lock:
                     self._releasing.pop(sandbox_id, None)
-                    if att is not None and not done:  # still there: a retry must find it
+                    self._staged.pop(sandbox_id, None)
+                    if done:
+                        self._policies.pop(sandbox_id, None)
+                    elif att is not None:  # still there: a retry must find it
                         self._attached.setdefault(sandbox_id, att)
+
+    async def set_policy(self, sandbox_id: str, policy: NetworkPolicy) -> None:
+        """Replace the sandbox's network policy now; before its `attach`, stage it for the attach.
+
+        Fails closed: the policy file is written first, then the chains are replaced in one nft
+        transaction, then `no_egress` and the alias follow when "nothing gets out" changed.
+        """
+        netns_name(self.netns_prefix, sandbox_id)
+        async with self._for_sandbox(sandbox_id):
+            async with self._lock:
+                att = self._attached.get(sandbox_id)
+                if att is None:
+                    self._staged[sandbox_id] = policy
+                    return
+                old = self._policies.get(sandbox_id) or NetworkPolicy.default(att.allow_internet)
+                new_att = dataclasses.replace(att, allow_internet=policy.allow_internet)
+            await asyncio.to_thread(self._save_policy, sandbox_id, policy)
+            async with self._lock:  # from here on, a concurrent ruleset rewrite renders the new one
+                self._policies[sandbox_id] = policy
+                self._attached[sandbox_id] = new_att
+            await self._nft_apply(render_policy_update(self.bridge, att.ip, policy.egress, self._proxy_port))
+            if old.allow_internet != policy.allow_internet:
+                table = table_name(self.bridge)
+                verb = "add" if not policy.allow_internet else "delete"
+                result = await self._nft_run(f"{verb} element inet {table} no_egress {{ {att.ip} }}\n")
+                if result.returncode != 0 and not nft_error_is_missing(result.stderr):
+                    raise Internal(f"nft: {result.stderr.strip()}")
+                alias = port_alias(sandbox_id, att.ip, policy.allow_internet)
+                await self._ip_run("link", "set", "dev", att.veth_host, "alias", alias)
+
+    def policy(self, sandbox_id: str) -> NetworkPolicy | None:
+        """The policy in force (or staged) for a sandbox; None for one this network does not know."""
+        return self._policies.get(sandbox_id) or self._staged.get(sandbox_id)
 
     async def list_attached(self) -> dict[str, Attachment]:
         """Sandboxes with a complete network on this bridge, read from the kernel."""
@@ -291,10 +386,86 @@ class SandboxNetwork:
     def _dns_allows(self, qname: str, client: IPAddress) -> bool:
         if client == self.gateway:
             return self._dns_policy(qname, client) if self._dns_policy else True
-        att = next((a for a in (*self._attached.values(), *self._pending.values()) if a.ip == client), None)
-        if att is None or (not att.allow_internet and not self._dns_without_internet):
+        policy = self._policy_of_ip(client)
+        if policy is None:
+            return False
+        if policy.egress.blocks_everything:
+            if not self._dns_without_internet:
+                return False
+        elif not policy.egress.allows_name(qname):
             return False
         return self._dns_policy(qname, client) if self._dns_policy else True
+
+    def _policy_of_ip(self, ip: IPAddress) -> NetworkPolicy | None:
+        att = next((a for a in (*self._attached.values(), *self._pending.values()) if a.ip == ip), None)
+        if att is None:
+            return None
+        return self._policies.get(att.sandbox_id) or NetworkPolicy.default(att.allow_internet)
+
+    def _egress_policy_of(self, ip: IPAddress) -> EgressPolicy | None:
+        policy = self._policy_of_ip(ip)
+        return policy.egress if policy is not None else None
+
+    def _is_denied(self, ip: IPAddress) -> bool:
+        return ip.version != 4 or any(ip in net for net in self._denied)
+
+    @property
+    def _proxy_port(self) -> int | None:
+        return self._proxy.port if self._proxy is not None else None
+
+    @property
+    def egress_proxy_port(self) -> int | None:
+        """Where the inspecting proxy listens on the gateway (None when it does not run)."""
+        return self._proxy_port
+
+    # -- policy files ----------------------------------------------------------------------
+
+    def _policy_path(self, sandbox_id: str) -> Path:
+        return self._state_dir / f"{sandbox_id}.json"
+
+    def _save_policy(self, sandbox_id: str, policy: NetworkPolicy) -> None:
+        """Atomically (write, fsync, rename); private to root: it holds the traffic access token."""
+        self._state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data = json.dumps({"sandboxId": sandbox_id, "policy": policy.to_json()})
+        fd, tmp = tempfile.mkstemp(dir=self._state_dir, prefix=f".{sandbox_id}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._policy_path(sandbox_id))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _load_policy(self, att: Attachment) -> NetworkPolicy:
+        """The saved policy; without one (or a broken one) the alias decides, failing closed for
+        a sandbox that had rules we can no longer read."""
+        path = self._policy_path(att.sandbox_id)
+        try:
+            data = json.loads(path.read_text())
+            return NetworkPolicy.from_json(data["policy"])
+        except FileNotFoundError:
+            return NetworkPolicy.default(att.allow_internet)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error(
+                "unreadable network policy %s (%s): sandbox %s gets no egress", path, exc, att.sandbox_id
+            )
+            return NetworkPolicy.default(False)
+
+    def _forget_policy(self, sandbox_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._policy_path(sandbox_id).unlink()
+
+    def _forget_other_policies(self, keep: set[str]) -> None:
+        """Files of sandboxes whose network is gone (a crash between unwiring and forgetting)."""
+        with contextlib.suppress(FileNotFoundError):
+            for path in self._state_dir.iterdir():
+                torn_write = path.name.startswith(".")
+                if torn_write or (path.suffix == ".json" and path.stem not in keep):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
 
     async def _wire(self, att: Attachment) -> None:
         host = host_attach_batch(
@@ -326,12 +497,22 @@ class SandboxNetwork:
 
     async def _add_elements(self, att: Attachment) -> None:
         port = PortBinding(att.veth_host, att.mac, att.ip)
-        await self._nft_apply(render_add_elements(self.bridge, port, att.allow_internet))
+        policy = self._policies.get(att.sandbox_id) or NetworkPolicy.default(att.allow_internet)
+        script = render_add_elements(self.bridge, port, att.allow_internet)
+        script += render_policy_update(self.bridge, att.ip, policy.egress, self._proxy_port)
+        await self._nft_apply(script)
 
     async def _delete_elements(self, att: Attachment | PortInfo) -> None:
         veth = att.veth_host if isinstance(att, Attachment) else att.veth
         port = PortBinding(veth, att.mac, att.ip)
         script = render_delete_elements(self.bridge, port, att.allow_internet)
+        async with self._lock:  # an address a live sandbox uses again: its chains are that sandbox's
+            reused = any(
+                a.ip == att.ip and a.sandbox_id != att.sandbox_id
+                for a in (*self._attached.values(), *self._pending.values())
+            )
+        if not reused:
+            script += render_policy_delete(self.bridge, att.ip)
         result = await self._nft_run(script)
         if result.returncode == 0:
             return
@@ -348,6 +529,11 @@ class SandboxNetwork:
             host_networks=host_networks,
             ports=[PortBinding(a.veth_host, a.mac, a.ip) for a in live],
             no_egress=[a.ip for a in live if not a.allow_internet],
+            policies={
+                a.ip: (self._policies.get(a.sandbox_id) or NetworkPolicy.default(a.allow_internet)).egress
+                for a in live
+            },
+            proxy_port=self._proxy_port,
         )
         await self._nft_apply(script)
 
