@@ -66,10 +66,27 @@ class FakeNotFound(NotFound):  # type: ignore[misc,valid-type]  # core.errors bu
     """A subclass, to show handlers are chosen by MRO."""
 
 
+class FakeNetworkPolicies:
+    """No sandbox has a network config (tokens and configs are None); updates are recorded."""
+
+    def __init__(self) -> None:
+        self.updates: list[tuple[str, str, Any]] = []
+
+    def traffic_access_token(self, sandbox_id: str) -> str | None:
+        return None
+
+    def config(self, sandbox_id: str) -> dict[str, Any] | None:
+        return None
+
+    async def update(self, team_id: str, sandbox_id: str, body: Any) -> None:
+        self.updates.append((team_id, sandbox_id, body))
+
+
 class FakeService:
     """In-memory `SandboxServiceProtocol`: just enough behaviour to exercise every route."""
 
     def __init__(self) -> None:
+        self.network_policies = FakeNetworkPolicies()
         self.rows: dict[str, SandboxRow] = {}
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
         self.pause_error: Exception | None = None

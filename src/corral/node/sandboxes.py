@@ -1,53 +1,149 @@
-"""The node's sandboxes: create, destroy and re-adopt them (composition of runtime, storage, network).
+"""The node's sandboxes: create, pause, resume, snapshot, destroy and re-adopt them (composition of
+runtime, storage, network, cgroups).
 
-A sandbox on disk: `sandboxes/<id>/` holds `config.json` (the OCI bundle), `upper/` + `work/` (its
-private overlay layer), `rootfs/` (the overlay mount), `etc/` (hostname, hosts, resolv.conf bound
-into it). Its network namespace and veth are named after the bridge and the id. Killing a sandbox
-removes all of that; a server restart re-adopts what is still running and removes what is not.
+A sandbox on disk, `sandboxes/<id>/`:
+  config.json          the OCI bundle's config (rewritten at every boot)
+  disk.img, disk/      its own sparse ext4 image, loop-mounted at disk/; holds upper/ and work/,
+                       the private overlay layer, so `diskSizeMB` is a hard limit (ENOSPC inside)
+  rootfs/              the overlay mount (template layers + disk/upper)
+  etc/                 hostname, hosts, resolv.conf bound into it
+  boot_id, cpuinfo, cpu_online   files bound over the kernel's (see `corral.node.runtime.oci`)
+(Sandboxes made before disk images existed have upper/ and work/ directly in the directory.)
+Its network namespace and veth are named after the bridge and the id.
+
+States of a sandbox on the node (`NodeStatus`):
+  RUNNING --freeze--> FROZEN --thaw--> RUNNING      memory, processes and files kept (cgroup freezer,
+                                                    written directly: see corral.node.cgroups.freezer)
+  RUNNING|FROZEN --stop--> STOPPED --cold_start--> RUNNING
+                       container gone, files and network kept; a cold boot gets a new boot id
+  any --destroy--> gone (container, mounts, cgroups, netns, directory)
+  any --retire--> not held any more at once; the rest of `destroy` runs in the background
+  (POOLED) --serve--> RUNNING     booted ahead by the warm pool (`corral.node.pool`), unserved
+                                  until a create claims it and brings its env vars and token
+Only RUNNING sandboxes are served: `sandbox_id in node` is False for the others, so the proxy
+answers 502 for them (the SDK reads that as "not running"). `wake()` lets the proxy ask the control
+plane to resume a frozen sandbox on traffic (auto-resume); the control plane installs `waker`.
+
+A server restart re-adopts running, frozen and stopped sandboxes the database knows and removes
+everything else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import enum
 import json
 import logging
 import os
 import resource
 import shutil
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from corral.core.errors import NotFound, Unavailable
+from corral.core.errors import FailedPrecondition, NotFound, Unavailable
 from corral.core.sandbox import SandboxSpec
 from corral.core.settings import Settings
+from corral.node.cgroups import (
+    CgroupUsage,
+    cpu_online_text,
+    filter_cpuinfo,
+    freeze,
+    host_cpus,
+    locate_cgroups,
+    parse_cpuset,
+    pick_cpus,
+    read_usage,
+    thaw,
+)
 from corral.node.envd.confined import ConfinedRoot
 from corral.node.envd.context import EnvdSandbox
 from corral.node.envd.process import ProcessTable
 from corral.node.network import resolv_conf_text
 from corral.node.runtime.crun import OciRuntime, RuntimeSpawner
-from corral.node.runtime.oci import build_sandbox_config
-from corral.node.storage.mounts import apply_mount, overlay_mount, unmount
+from corral.node.runtime.oci import BOOT_ID_PATH, CPU_ONLINE_PATH, CPUINFO_PATH, build_sandbox_config
+from corral.node.runtime.runtimes import fill_cpuset_parents, unsafe_mount_targets
+from corral.node.storage.commit import commit_layer
+from corral.node.storage.disk import DiskPlan, create_disk, disk_plan, disk_usage, mount_disk
+from corral.node.storage.mounts import Mount, apply_mount, is_mountpoint, overlay_mount, unmount
 
-__all__ = ["SandboxHandle", "Node"]
+__all__ = ["Node", "NodeStatus", "SandboxHandle", "SandboxUsage"]
 
 log = logging.getLogger(__name__)
 
 INIT_BINARY_CANDIDATES = ("/usr/bin/catatonit", "/usr/libexec/podman/catatonit")
+# Layers made from upper dirs must be plain: no redirects or metacopy-only files pointing into
+# lower layers, whatever the host's overlay module defaults are.
+_OVERLAY_EXTRA_OPTIONS = ("redirect_dir=off", "metacopy=off")
+
+Waker = Callable[[str], Awaitable[bool]]
+
+
+class NodeStatus(enum.StrEnum):
+    RUNNING = "running"  # container running, served
+    FROZEN = "frozen"  # container frozen by the cgroup freezer: memory kept, no CPU, not served
+    STOPPED = "stopped"  # no container; files, disk and network kept for a cold boot
+    POOLED = "pooled"  # booted ahead by the warm pool; not served until `serve` hands it out
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SandboxUsage:
+    """One reading of what a sandbox uses (for metrics)."""
+
+    cgroup: CgroupUsage
+    cpu_count: int
+    disk_used: int
+    disk_total: int
 
 
 @dataclasses.dataclass(eq=False)
 class SandboxHandle:
     spec: SandboxSpec
     path: Path
-    init_pid: int
-    root_fd: int
+    init_pid: int  # 0 while stopped
+    root_fd: int  # -1 while stopped
     ip: str
-    envd: EnvdSandbox
+    envd: EnvdSandbox | None  # None while stopped
+    netns_path: str = ""
+    status: NodeStatus = NodeStatus.RUNNING
+    cpus: tuple[int, ...] = ()
 
     @property
     def sandbox_id(self) -> str:
         return self.spec.sandbox_id
+
+    @property
+    def serving(self) -> bool:
+        return self.status is NodeStatus.RUNNING
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Layout:
+    """Where a sandbox's parts are (pure)."""
+
+    path: Path
+    disk: DiskPlan | None  # None: a sandbox from before disk images (upper/ work/ in `path`)
+
+    @classmethod
+    def of(cls, path: Path, disk_size_mb: int) -> _Layout:
+        if (path / "upper").is_dir() and not (path / "disk.img").exists():
+            return cls(path, None)
+        return cls(path, disk_plan(path, disk_size_mb) if disk_size_mb > 0 else None)
+
+    @property
+    def upper(self) -> Path:
+        return self.disk.upper if self.disk is not None else self.path / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.disk.work if self.disk is not None else self.path / "work"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / "rootfs"
 
 
 def _init_binary() -> str:
@@ -65,6 +161,13 @@ def _etc_files(spec: SandboxSpec, settings: Settings) -> dict[str, str]:
     }
 
 
+def _read_host_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 class Node:
     """All sandboxes of this host. One instance per server process."""
 
@@ -76,120 +179,374 @@ class Node:
         self._sandboxes: dict[str, SandboxHandle] = {}
         self._nofile_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         self._init_binary = ""
+        self._host_cpus = host_cpus()
+        self._host_cpuinfo = ""
+        self.waker: Waker | None = None  # installed by the control plane: resume on traffic
+        self.local_envd: Any = None  # installed by the server: envd at localhost:49983 in each sandbox
+        self._retiring: dict[str, tuple[SandboxHandle | None, asyncio.Task[None]]] = {}  # background teardowns
+
+    @property
+    def cgroup_parent(self) -> str:
+        return f"corral-{self.settings.bridge}"
 
     async def start(self) -> None:
         self._init_binary = _init_binary()
+        self._host_cpuinfo = _read_host_cpuinfo()
         for path in (self.settings.sandboxes_dir, self.settings.runtime_root):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.network.ensure_host()
 
     async def close(self) -> None:
-        """Server stop: sandboxes keep running (re-adopted on the next start); only our handles close."""
+        """Server stop: sandboxes keep running (re-adopted on the next start); only our handles close.
+        Teardowns of killed sandboxes are finished first (bounded; reconcile removes what is left)."""
+        pending = [task for _, task in self._retiring.values()]
+        if pending:
+            await asyncio.wait(pending, timeout=30)
         for handle in self._sandboxes.values():
-            handle.envd.processes.close()
-            handle.envd.root.close()
+            self._close_envd(handle)
+        if self.local_envd is not None:
+            self.local_envd.close_all()
         self._sandboxes.clear()
         await self.network.close()
 
+    # -- lookups ---------------------------------------------------------------------------------
+
     def get(self, sandbox_id: str) -> SandboxHandle:
+        """The handle of a sandbox this node serves (running); NotFound otherwise."""
         handle = self._sandboxes.get(sandbox_id)
-        if handle is None:
+        if handle is None or not handle.serving:
             raise NotFound(f"sandbox '{sandbox_id}' is not running on this node")
         return handle
 
+    def lookup(self, sandbox_id: str) -> SandboxHandle | None:
+        """The handle of any sandbox this node holds, running, frozen or stopped."""
+        return self._sandboxes.get(sandbox_id)
+
     def __contains__(self, sandbox_id: str) -> bool:
-        return sandbox_id in self._sandboxes
+        """True when the sandbox is served (running); frozen and stopped ones are not."""
+        handle = self._sandboxes.get(sandbox_id)
+        return handle is not None and handle.serving
+
+    def running_ids(self) -> list[str]:
+        return [h.sandbox_id for h in self._sandboxes.values() if h.serving]
 
     def by_ip(self, ip: str) -> SandboxHandle | None:
         return next((h for h in self._sandboxes.values() if h.ip == ip), None)
 
-    async def create(self, spec: SandboxSpec) -> SandboxHandle:
+    async def wake(self, sandbox_id: str) -> bool:
+        """Traffic reached a sandbox this node does not serve: ask the control plane to resume it
+        (it does so only for frozen sandboxes with auto-resume). True when it is served now."""
+        handle = self._sandboxes.get(sandbox_id)
+        if handle is None or handle.status is not NodeStatus.FROZEN or self.waker is None:
+            return False
+        try:
+            await self.waker(sandbox_id)
+        except Exception:  # the request then gets the 502 of a paused sandbox
+            log.exception("auto-resume of sandbox %s failed", sandbox_id)
+        return sandbox_id in self
+
+    # -- create and boot -------------------------------------------------------------------------
+
+    async def create(self, spec: SandboxSpec, *, pooled: bool = False) -> SandboxHandle:
+        """Boot a new sandbox. `pooled`: for the warm pool, held but not served until `serve`."""
         path = self.settings.sandboxes_dir / spec.sandbox_id
         try:
-            return await self._create(spec, path)
+            return await self._create(spec, path, pooled)
         except BaseException:
             await self._cleanup(spec.sandbox_id)
             raise
 
-    async def _create(self, spec: SandboxSpec, path: Path) -> SandboxHandle:
-        for sub in ("upper", "work", "rootfs", "etc"):
+    async def _create(self, spec: SandboxSpec, path: Path, pooled: bool) -> SandboxHandle:
+        for sub in ("rootfs", "etc"):
             (path / sub).mkdir(parents=True, exist_ok=False)
-        attachment = await self.network.attach(spec.sandbox_id, allow_internet=spec.allow_internet_access)
-        etc = {}
+        layout = _Layout(path, disk_plan(path, spec.disk_size_mb) if spec.disk_size_mb > 0 else None)
+        # The disk (mkfs) and the network (ip, bridge, nft) are independent: made side by side.
+        try:
+            async with asyncio.TaskGroup() as group:
+                if layout.disk is not None:
+                    group.create_task(create_disk(layout.disk))
+                attaching = group.create_task(
+                    self.network.attach(spec.sandbox_id, allow_internet=spec.allow_internet_access)
+                )
+        except BaseExceptionGroup as failed:  # callers expect the error itself (a CorralError)
+            raise failed.exceptions[0] from None
+        attachment = attaching.result()
         for name, text in _etc_files(spec, self.settings).items():
             (path / "etc" / name).write_text(text)
-            etc[f"/etc/{name}"] = str(path / "etc" / name)
-        layers = [self.templates.layer_path(digest) for digest in spec.layers]
-        apply_mount(overlay_mount(layers, path / "upper", path / "work", path / "rootfs"))
+        handle = SandboxHandle(
+            spec=spec,
+            path=path,
+            init_pid=0,
+            root_fd=-1,
+            ip=str(attachment.ip),
+            envd=None,
+            netns_path=attachment.netns_path,
+            status=NodeStatus.STOPPED,
+        )
+        await self._boot(handle, layout)
+        if pooled:
+            handle.status = NodeStatus.POOLED
+        self._sandboxes[spec.sandbox_id] = handle
+        return handle
+
+    def is_pooled(self, sandbox_id: str) -> bool:
+        handle = self._sandboxes.get(sandbox_id)
+        return handle is not None and handle.status is NodeStatus.POOLED
+
+    def serve(self, spec: SandboxSpec) -> SandboxHandle:
+        """Hand out a pooled sandbox (same id as `spec`): the request's env vars and access token
+        take effect, and from now on it is served like any created sandbox."""
+        handle = self._held(spec.sandbox_id)
+        if handle.status is not NodeStatus.POOLED or handle.envd is None:
+            raise FailedPrecondition(f"sandbox '{spec.sandbox_id}' is not a pooled sandbox")
+        handle.spec = spec
+        handle.envd.env_vars = dict(spec.env_vars)
+        handle.envd.access_token = spec.access_token
+        handle.status = NodeStatus.RUNNING
+        return handle
+
+    def _cpu_load(self, exclude: str) -> collections.Counter[int]:
+        load: collections.Counter[int] = collections.Counter()
+        for handle in self._sandboxes.values():
+            if handle.sandbox_id != exclude and handle.status is not NodeStatus.STOPPED:
+                load.update(handle.cpus)
+        return load
+
+    async def _boot(self, handle: SandboxHandle, layout: _Layout) -> None:
+        """Start the sandbox's container from its files: mounts, a new boot id, config, `crun run`."""
+        spec, path = handle.spec, handle.path
+        if layout.disk is not None:
+            await mount_disk(layout.disk)
+        else:
+            for sub in (layout.upper, layout.work):
+                sub.mkdir(exist_ok=True)
+        if not is_mountpoint(layout.rootfs):
+            layers = [self.templates.layer_path(digest) for digest in spec.layers]
+            mount = overlay_mount(layers, layout.upper, layout.work, layout.rootfs)
+            apply_mount(Mount(mount.fstype, mount.source, mount.target, mount.options + _OVERLAY_EXTRA_OPTIONS))
+        cpus = pick_cpus(self._host_cpus, self._cpu_load(spec.sandbox_id), spec.cpu_count)
+        virtual = {
+            BOOT_ID_PATH: (path / "boot_id", f"{uuid.uuid4()}\n"),
+            CPUINFO_PATH: (path / "cpuinfo", filter_cpuinfo(self._host_cpuinfo, cpus)),
+            CPU_ONLINE_PATH: (path / "cpu_online", cpu_online_text(len(cpus))),
+        }
+        for file, text in virtual.values():
+            file.write_text(text)
         config = build_sandbox_config(
             sandbox_id=spec.sandbox_id,
-            rootfs=str(path / "rootfs"),
-            netns_path=attachment.netns_path,
+            rootfs=str(layout.rootfs),
+            netns_path=handle.netns_path,
             init_binary=self._init_binary,
-            etc_files=etc,
+            etc_files={f"/etc/{name}": str(path / "etc" / name) for name in ("hostname", "hosts", "resolv.conf")},
             cpu_count=spec.cpu_count,
             memory_mb=spec.memory_mb,
             pids_limit=spec.pids_limit,
             nofile_hard=self._nofile_hard,
-            cgroups_path=f"/corral-{self.settings.bridge}/{spec.sandbox_id}",
+            cgroups_path=f"/{self.cgroup_parent}/{spec.sandbox_id}",
+            cpus=cpus,
+            virtual_files={dest: str(file) for dest, (file, _) in virtual.items()},
         )
+        _refuse_unsafe_rootfs(spec.sandbox_id, layout.rootfs)
+        if not self.runtime.traits.fills_cpuset_parents:  # runsc
+            await asyncio.to_thread(fill_cpuset_parents, config["linux"]["cgroupsPath"])
+        if self.runtime.traits.bind_tmp:  # runsc: its own tmpfs on /tmp would hide /tmp from envd
+            (layout.rootfs / "tmp").mkdir(mode=0o1777, exist_ok=True)
+            config["mounts"].append(
+                {"destination": "/tmp", "type": "bind", "source": str(layout.rootfs / "tmp"), "options": ["rbind", "rw", "nosuid", "nodev"]}
+            )
         (path / "config.json").write_text(json.dumps(config))
         init_pid = await self.runtime.run(spec.sandbox_id, path)
-        return self._register(spec, path, init_pid, str(attachment.ip))
+        self._attach_envd(handle, init_pid)
+        handle.cpus = cpus
+        handle.status = NodeStatus.RUNNING
 
-    def _register(self, spec: SandboxSpec, path: Path, init_pid: int, ip: str) -> SandboxHandle:
+    def _attach_envd(self, handle: SandboxHandle, init_pid: int) -> None:
         # The sandbox's root as its init sees it (with its own mounts); held from now on so a
         # recycled pid can never redirect file access to another tree.
-        root_fd = os.open(f"/proc/{init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        envd = EnvdSandbox(
+        spec = handle.spec
+        root_path = f"/proc/{init_pid}/root"
+        if not self.runtime.traits.files_from_init_root:  # runsc: its sandbox process sees an empty dir
+            root_path = str(handle.path / "rootfs")
+        root_fd = os.open(root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        handle.init_pid = init_pid
+        handle.root_fd = root_fd
+        handle.envd = EnvdSandbox(
             sandbox_id=spec.sandbox_id,
             template_id=spec.template_id,
             access_token=spec.access_token,
             env_vars=dict(spec.env_vars),
             root=ConfinedRoot(root_fd, owns_fd=True),
-            spawner=RuntimeSpawner(self.runtime, spec.sandbox_id, path, self._nofile_hard),
+            spawner=RuntimeSpawner(self.runtime, spec.sandbox_id, handle.path, self._nofile_hard),
             processes=ProcessTable(),
+            usage=lambda: self.usage(spec.sandbox_id),
         )
-        handle = SandboxHandle(spec=spec, path=path, init_pid=init_pid, root_fd=root_fd, ip=ip, envd=envd)
-        self._sandboxes[spec.sandbox_id] = handle
+        if self.local_envd is not None:
+            self.local_envd.open(spec.sandbox_id, f"/proc/{init_pid}/ns/net")
+
+    @staticmethod
+    def _close_envd(handle: SandboxHandle) -> None:
+        if handle.envd is not None:
+            handle.envd.processes.close()
+            handle.envd.watchers.close()
+            handle.envd.root.close()
+        handle.envd = None
+        handle.root_fd = -1
+
+    # -- pause and resume ------------------------------------------------------------------------
+
+    def _held(self, sandbox_id: str) -> SandboxHandle:
+        handle = self._sandboxes.get(sandbox_id)
+        if handle is None:
+            raise NotFound(f"sandbox '{sandbox_id}' is not on this node")
         return handle
 
-    async def destroy(self, sandbox_id: str) -> None:
-        """Remove everything of a sandbox: processes, mounts, cgroups, veth, address, rules. Idempotent."""
+    async def freeze(self, sandbox_id: str) -> None:
+        """Freeze a running sandbox (cgroup freezer): processes and memory stay, CPU use stops."""
+        handle = self._held(sandbox_id)
+        if handle.status is NodeStatus.FROZEN:
+            return
+        if handle.status is not NodeStatus.RUNNING:
+            raise FailedPrecondition(f"sandbox '{sandbox_id}' is {handle.status.value}, not running")
+        handle.status = NodeStatus.FROZEN  # stop serving before the processes stop
+        try:
+            await freeze(locate_cgroups(self.cgroup_parent, sandbox_id))
+        except BaseException:
+            handle.status = NodeStatus.RUNNING
+            raise
+
+    async def thaw(self, sandbox_id: str) -> None:
+        handle = self._held(sandbox_id)
+        if handle.status is NodeStatus.RUNNING:
+            return
+        if handle.status is not NodeStatus.FROZEN:
+            raise FailedPrecondition(f"sandbox '{sandbox_id}' is {handle.status.value}, not frozen")
+        await thaw(locate_cgroups(self.cgroup_parent, sandbox_id))
+        handle.status = NodeStatus.RUNNING
+
+    async def stop(self, sandbox_id: str) -> None:
+        """Stop the container but keep files, disk and network: the next start is a cold boot."""
+        handle = self._held(sandbox_id)
+        if handle.status is NodeStatus.STOPPED:
+            return
+        handle.status = NodeStatus.STOPPED
+        self._close_envd(handle)  # cuts envd streams: their processes are about to die
+        await self.runtime.delete(sandbox_id)
+        handle.init_pid = 0
+        await asyncio.to_thread(unmount, handle.path / "rootfs")
+
+    async def cold_start(self, sandbox_id: str) -> None:
+        """Boot a stopped sandbox again from its files (new processes, new boot id)."""
+        handle = self._held(sandbox_id)
+        if handle.status is not NodeStatus.STOPPED:
+            raise FailedPrecondition(f"sandbox '{sandbox_id}' is {handle.status.value}, not stopped")
+        await self.runtime.delete(sandbox_id)  # a leftover container record would block `run`
+        await self._boot(handle, _Layout.of(handle.path, handle.spec.disk_size_mb))
+
+    async def commit_upper(self, sandbox_id: str) -> str:
+        """Copy the sandbox's writable layer into a new read-only layer; returns its digest.
+
+        The sandbox must not run (freeze or stop it first), so its files hold still while copied.
+        """
+        handle = self._held(sandbox_id)
+        if handle.status is NodeStatus.RUNNING:
+            raise FailedPrecondition(f"sandbox '{sandbox_id}' must be frozen or stopped to copy its files")
+        layout = _Layout.of(handle.path, handle.spec.disk_size_mb)
+        if layout.disk is not None:
+            await mount_disk(layout.disk)
+        return await commit_layer(layout.upper, self.settings.layers_dir)
+
+    # -- usage -----------------------------------------------------------------------------------
+
+    def usage(self, sandbox_id: str) -> SandboxUsage:
+        """What a running sandbox uses now. OSError when its cgroup is gone."""
+        handle = self._held(sandbox_id)
+        reading = read_usage(locate_cgroups(self.cgroup_parent, sandbox_id))
+        layout = _Layout.of(handle.path, handle.spec.disk_size_mb)
+        if layout.disk is not None and is_mountpoint(layout.disk.mountpoint):
+            used, total = disk_usage(layout.disk.mountpoint)
+        else:
+            used, total = 0, handle.spec.disk_size_mb * 1024 * 1024
+        return SandboxUsage(cgroup=reading, cpu_count=len(handle.cpus) or handle.spec.cpu_count, disk_used=used, disk_total=total)
+
+    # -- destroy and reconcile -------------------------------------------------------------------
+
+    def retire(self, sandbox_id: str) -> asyncio.Task[None]:
+        """`destroy`, with the waiting moved off the caller's path: the sandbox is no longer held or
+        served from now on (its envd streams are cut, its localhost envd closed), and the removal
+        of its processes and resources runs in a task the node owns (`close` waits for it; after a
+        crash, reconcile removes what is left). Returns that task."""
+        if sandbox_id in self._retiring:
+            return self._retiring[sandbox_id][1]
         handle = self._sandboxes.pop(sandbox_id, None)
-        if handle is not None:
+        if handle is not None and handle.envd is not None:
             handle.envd.processes.close()
+        if self.local_envd is not None:
+            self.local_envd.close(sandbox_id)
+
+        async def teardown() -> None:
+            try:
+                await self._cleanup(sandbox_id)
+            except Exception:
+                log.exception("teardown of sandbox %s failed (reconcile will retry)", sandbox_id)
+            finally:
+                if handle is not None:
+                    self._close_envd(handle)
+                self._retiring.pop(sandbox_id, None)
+
+        task = asyncio.get_running_loop().create_task(teardown(), name=f"teardown-{sandbox_id}")
+        self._retiring[sandbox_id] = (handle, task)
+        return task
+
+    def layers_in_use(self) -> set[str]:
+        """Layer digests of every sandbox the node holds or is still tearing down (mounted)."""
+        held = [*self._sandboxes.values(), *(h for h, _ in self._retiring.values() if h is not None)]
+        return {digest for handle in held for digest in handle.spec.layers}
+
+    async def destroy(self, sandbox_id: str) -> None:
+        """Remove everything of a sandbox: processes, mounts, disk, cgroups, veth, address, rules. Idempotent."""
+        retiring = self._retiring.get(sandbox_id)
+        if retiring is not None:
+            await asyncio.shield(retiring[1])
+        handle = self._sandboxes.pop(sandbox_id, None)
+        if handle is not None and handle.envd is not None:
+            handle.envd.processes.close()
+        if self.local_envd is not None:
+            self.local_envd.close(sandbox_id)
         await self._cleanup(sandbox_id)
         if handle is not None:
-            handle.envd.root.close()
+            self._close_envd(handle)
 
     async def _cleanup(self, sandbox_id: str) -> None:
         path = self.settings.sandboxes_dir / sandbox_id
         await self.runtime.delete(sandbox_id)
         await asyncio.to_thread(unmount, path / "rootfs")
+        await asyncio.to_thread(unmount, path / "disk")
         await self.network.detach(sandbox_id)
         await asyncio.to_thread(shutil.rmtree, path, True)
 
-    async def reconcile(self, specs: list[SandboxSpec]) -> tuple[list[str], list[str]]:
-        """After a restart: adopt running sandboxes the database knows, remove everything else.
+    async def reconcile(
+        self, specs: list[SandboxSpec], paused: Mapping[str, bool] | None = None
+    ) -> tuple[list[str], list[str]]:
+        """After a restart: adopt the sandboxes the database knows, remove everything else.
 
-        Returns (adopted ids, lost ids): lost ones were in the database but their container is gone.
+        `paused` maps paused sandboxes to whether their memory is kept (frozen) or not (stopped);
+        the others should run. Each adopted sandbox is brought to that state. Returns (adopted ids,
+        lost ids): lost ones were in the database but their container (or files) are gone.
         """
+        paused = dict(paused or {})
         wanted = {spec.sandbox_id: spec for spec in specs}
         containers = {c["id"]: c for c in await self.runtime.list()}
         attachments = await self.network.list_attached()
         adopted: list[str] = []
         lost: list[str] = []
         for sandbox_id, spec in wanted.items():
-            container = containers.get(sandbox_id)
-            attachment = attachments.get(sandbox_id)
-            if container and container.get("status") in ("running", "paused") and attachment is not None:
-                try:
-                    self._register(spec, self.settings.sandboxes_dir / sandbox_id, int(container["pid"]), str(attachment.ip))
+            try:
+                if await self._adopt(spec, containers.get(sandbox_id), attachments.get(sandbox_id), paused.get(sandbox_id)):
                     adopted.append(sandbox_id)
                     continue
-                except OSError as exc:
-                    log.warning("cannot adopt sandbox %s: %s", sandbox_id, exc)
+            except Exception as exc:  # noqa: BLE001 - one sandbox that cannot be adopted is lost, not the start
+                log.warning("cannot adopt sandbox %s: %s", sandbox_id, exc)
+                self._sandboxes.pop(sandbox_id, None)
             lost.append(sandbox_id)
             await self._cleanup(sandbox_id)
         strays = (set(containers) | set(attachments) | self._sandbox_dirs()) - set(adopted)
@@ -199,6 +556,64 @@ class Node:
         await self.network.reconcile(set(adopted))  # also half-made namespaces list_attached() skips
         return adopted, lost
 
+    async def _adopt(
+        self, spec: SandboxSpec, container: dict[str, Any] | None, attachment: Any, keep_memory: bool | None
+    ) -> bool:
+        path = self.settings.sandboxes_dir / spec.sandbox_id
+        if attachment is None or not (path / "config.json").is_file():
+            return False
+        handle = SandboxHandle(
+            spec=spec,
+            path=path,
+            init_pid=0,
+            root_fd=-1,
+            ip=str(attachment.ip),
+            envd=None,
+            netns_path=attachment.netns_path,
+            status=NodeStatus.STOPPED,
+            cpus=_config_cpus(path),
+        )
+        if keep_memory is False:  # stopped: no container should exist
+            if container is not None:
+                await self.runtime.delete(spec.sandbox_id)
+            await asyncio.to_thread(unmount, path / "rootfs")
+            self._sandboxes[spec.sandbox_id] = handle
+            return True
+        if container is None or container.get("status") not in ("running", "paused"):
+            return False
+        self._attach_envd(handle, int(container["pid"]))
+        self._sandboxes[spec.sandbox_id] = handle
+        if keep_memory:
+            handle.status = NodeStatus.FROZEN
+            if container["status"] != "paused":
+                await freeze(locate_cgroups(self.cgroup_parent, spec.sandbox_id))
+        else:
+            if container["status"] == "paused":
+                await thaw(locate_cgroups(self.cgroup_parent, spec.sandbox_id))
+            handle.status = NodeStatus.RUNNING
+        return True
+
     def _sandbox_dirs(self) -> set[str]:
         root = self.settings.sandboxes_dir
         return {p.name for p in root.iterdir() if p.is_dir()} if root.exists() else set()
+
+
+def _refuse_unsafe_rootfs(sandbox_id: str, rootfs: Path) -> None:
+    """A template whose /dev, /proc, /tmp … are symlinks could make the runtime write host files
+    (runc CVE-2026-41579, crun CVE-2026-47766): never boot one. Checked before the runtime starts,
+    while no process of the sandbox can change its tree."""
+    unsafe = unsafe_mount_targets(rootfs)
+    if unsafe:
+        raise FailedPrecondition(
+            f"refusing to boot sandbox '{sandbox_id}': in its files {', '.join(unsafe)} "
+            "must be real directories, not symlinks"
+        )
+
+
+def _config_cpus(path: Path) -> tuple[int, ...]:
+    """The cpuset a sandbox was booted with, from its config.json (empty when unknown)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+        return parse_cpuset(config["linux"]["resources"]["cpu"].get("cpus", ""))
+    except (OSError, ValueError, KeyError, TypeError):
+        return ()

@@ -50,6 +50,8 @@ async def read_model(request: Request, model: type[_ModelT]) -> _ModelT:
             data = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:  # `[[[[…]]]]` nested deeper than the parser's stack
+            raise InvalidArgument("request body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidArgument(f"request body must be a JSON object, not {type(data).__name__}")
     try:

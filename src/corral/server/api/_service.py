@@ -15,8 +15,9 @@ from typing import Any, Protocol
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
+from corral.server.network_policy import NetworkPolicies
 from corral.server.query import SandboxQuery
-from corral.server.store import SandboxRow
+from corral.server.store import LogRow, MetricRow, SandboxRow, SnapshotRow
 
 __all__ = ["MAX_TIMEOUT_SECONDS", "CreateSandboxRequest", "SandboxServiceProtocol"]
 
@@ -60,6 +61,8 @@ class CreateSandboxRequest(BaseModel):
 class SandboxServiceProtocol(Protocol):
     """What the REST API needs from the sandbox service. Every method is scoped to one team."""
 
+    network_policies: NetworkPolicies  # `network` config, traffic tokens, PUT /sandboxes/{id}/network
+
     async def create(self, team_id: str, req: CreateSandboxRequest) -> SandboxRow:
         """Create and start a sandbox; return it once it is running."""
         ...
@@ -82,6 +85,42 @@ class SandboxServiceProtocol(Protocol):
 
     async def pause(self, team_id: str, sandbox_id: str, keep_memory: bool) -> None:
         """Pause; NotFound, or AlreadyExists/Aborted (409) when already paused, Unimplemented (501)."""
+        ...
+
+    async def create_snapshot(self, team_id: str, sandbox_id: str, name: str | None) -> tuple[str, builtins.list[str]]:
+        """Snapshot a sandbox's files as a template; `(snapshot id, names)`."""
+        ...
+
+    async def list_snapshots(
+        self, team_id: str, *, sandbox_id: str | None, name: str | None, limit: int, next_token: str | None
+    ) -> tuple[builtins.list[SnapshotRow], str | None]:
+        """One page of the team's snapshots (newest first) and the next-page token."""
+        ...
+
+    async def delete_snapshot(self, team_id: str, snapshot_id: str) -> None:
+        """Delete a snapshot (`DELETE /templates/{id}`); NotFound when there is none."""
+        ...
+
+    async def fork(self, team_id: str, sandbox_id: str, timeout: int, count: int) -> builtins.list[Any]:
+        """New sandboxes with copies of the sandbox's files: per fork a `SandboxRow` or a `CorralError`."""
+        ...
+
+    async def metrics(self, team_id: str, sandbox_id: str, start: int | None, end: int | None) -> builtins.list[MetricRow]:
+        """Samples with start <= timestamp <= end (unix seconds), oldest first."""
+        ...
+
+    async def logs(
+        self,
+        team_id: str,
+        sandbox_id: str,
+        *,
+        cursor_ms: int | None,
+        limit: int,
+        forward: bool,
+        level: str | None,
+        search: str | None,
+    ) -> builtins.list[LogRow]:
+        """The sandbox's log lines from (forward) or up to (backward) `cursor_ms`."""
         ...
 
     # Last, so that `list` below names the builtin in the annotations above under every type checker.

@@ -11,13 +11,16 @@ alembic migrations in `migrations/`, applied by `Store.migrate()` (or `migrate(e
 
 from corral.server.store._engine import create_engine
 from corral.server.store._migrate import current_revision, head_revision, migrate
-from corral.server.store._rows import SandboxRow
+from corral.server.store._rows import LogRow, MetricRow, SandboxRow, SnapshotRow
 from corral.server.store._store import DEFAULT_TEAM, LIVE_STATES, Store, hash_api_key
 
 __all__ = [
     "DEFAULT_TEAM",
     "LIVE_STATES",
+    "LogRow",
+    "MetricRow",
     "SandboxRow",
+    "SnapshotRow",
     "Store",
     "create_engine",
     "current_revision",

@@ -9,11 +9,35 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Dialect, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["ApiKeyModel", "Base", "SandboxModel", "TeamModel", "UTCDateTime"]
+__all__ = [
+    "ApiKeyModel",
+    "Base",
+    "OwnedLayerModel",
+    "SandboxLogModel",
+    "SandboxMetricModel",
+    "SandboxModel",
+    "SandboxNetworkModel",
+    "SnapshotModel",
+    "TeamModel",
+    "UTCDateTime",
+]
 
 # Deterministic constraint names, so later migrations can address them on every backend.
 NAMING_CONVENTION = {
@@ -105,3 +129,74 @@ class SandboxModel(Base):
     node_id: Mapped[str | None] = mapped_column(String(64))
     killed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     kill_reason: Mapped[str | None] = mapped_column(Text)
+    # 0002: lifecycle
+    auto_pause_memory: Mapped[bool] = mapped_column(Boolean, server_default="1")
+    auto_resume: Mapped[bool] = mapped_column(Boolean, server_default="0")
+    timeout_s: Mapped[int] = mapped_column(Integer, server_default="300")
+    paused_memory: Mapped[bool | None] = mapped_column(Boolean)  # while paused: frozen (True) / stopped (False)
+    layers: Mapped[list[str] | None] = mapped_column(JSON)  # layer digests, lowest first
+
+
+class SnapshotModel(Base):
+    """A snapshot of a sandbox's files, usable as a template (its id is the template id)."""
+
+    __tablename__ = "snapshots"
+    __table_args__ = (Index("ix_snapshots_team_id_created_at", "team_id", "created_at"),)
+
+    snapshot_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    team_id: Mapped[str] = mapped_column(String(36), ForeignKey("teams.id", ondelete="CASCADE"))
+    sandbox_id: Mapped[str] = mapped_column(String(64), index=True)  # the sandbox it was taken of
+    name: Mapped[str | None] = mapped_column(String(255))
+    layer: Mapped[str] = mapped_column(String(64))  # digest of the layer the snapshot added
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class OwnedLayerModel(Base):
+    """A layer the lifecycle made (snapshot or fork); removed once nothing uses it."""
+
+    __tablename__ = "owned_layers"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "snapshot" | "fork"
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class SandboxMetricModel(Base):
+    __tablename__ = "sandbox_metrics"
+    __table_args__ = (Index("ix_sandbox_metrics_sandbox_id_ts", "sandbox_id", "ts"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sandbox_id: Mapped[str] = mapped_column(String(64), ForeignKey("sandboxes.sandbox_id", ondelete="CASCADE"))
+    ts: Mapped[datetime] = mapped_column(UTCDateTime())
+    cpu_count: Mapped[int] = mapped_column(Integer)
+    cpu_used_pct: Mapped[float] = mapped_column(Float)
+    mem_used: Mapped[int] = mapped_column(BigInteger)
+    mem_total: Mapped[int] = mapped_column(BigInteger)
+    mem_cache: Mapped[int] = mapped_column(BigInteger)
+    disk_used: Mapped[int] = mapped_column(BigInteger)
+    disk_total: Mapped[int] = mapped_column(BigInteger)
+
+
+class SandboxLogModel(Base):
+    __tablename__ = "sandbox_logs"
+    __table_args__ = (Index("ix_sandbox_logs_sandbox_id_ts", "sandbox_id", "ts"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sandbox_id: Mapped[str] = mapped_column(String(64), ForeignKey("sandboxes.sandbox_id", ondelete="CASCADE"))
+    ts: Mapped[datetime] = mapped_column(UTCDateTime())
+    level: Mapped[str] = mapped_column(String(8))  # debug | info | warn | error
+    message: Mapped[str] = mapped_column(Text)
+
+
+class SandboxNetworkModel(Base):
+    """0003: a sandbox's E2B `network` config (as the API reports it) and its traffic access token;
+    written by `corral.server.network_policy`."""
+
+    __tablename__ = "sandbox_networks"
+
+    sandbox_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("sandboxes.sandbox_id", ondelete="CASCADE"), primary_key=True
+    )
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    traffic_access_token: Mapped[str | None] = mapped_column(String(128))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -13,6 +13,8 @@ set), so concurrent writers never lose each other's updates and a killed sandbox
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hashlib
 import hmac
@@ -27,17 +29,32 @@ from sqlalchemy import ColumnElement, Engine, and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from corral.core.errors import AlreadyExists
+from corral.core.errors import AlreadyExists, InvalidArgument
 from corral.core.ids import new_api_key
 from corral.core.sandbox import SandboxState
 from corral.core.settings import Settings
 from corral.server.query import Cursor, Order, SandboxQuery, encode_cursor, metadata_matches
 from corral.server.store._engine import create_engine
 from corral.server.store._migrate import migrate
-from corral.server.store._models import ApiKeyModel, SandboxModel, TeamModel
-from corral.server.store._rows import SANDBOX_COLUMNS, UPDATABLE_COLUMNS, SandboxRow
+from corral.server.store._models import (
+    ApiKeyModel,
+    OwnedLayerModel,
+    SandboxLogModel,
+    SandboxMetricModel,
+    SandboxModel,
+    SnapshotModel,
+    TeamModel,
+)
+from corral.server.store._rows import (
+    SANDBOX_COLUMNS,
+    UPDATABLE_COLUMNS,
+    LogRow,
+    MetricRow,
+    SandboxRow,
+    SnapshotRow,
+)
 
-__all__ = ["DEFAULT_TEAM", "LIVE_STATES", "Store", "hash_api_key"]
+__all__ = ["DEFAULT_TEAM", "LIVE_STATES", "Store", "decode_snapshot_cursor", "encode_snapshot_cursor", "hash_api_key"]
 
 DEFAULT_TEAM = "default"
 LIVE_STATES: frozenset[SandboxState] = frozenset(
@@ -61,7 +78,40 @@ def _to_row(model: SandboxModel) -> SandboxRow:
     values["state"] = SandboxState(model.state)
     values["metadata"] = dict(model.metadata_ or {})
     values["env_vars"] = dict(model.env_vars or {})
+    values["layers"] = None if model.layers is None else tuple(model.layers)
     return SandboxRow(**values)
+
+
+def _snapshot_row(model: SnapshotModel) -> SnapshotRow:
+    return SnapshotRow(
+        snapshot_id=model.snapshot_id,
+        team_id=model.team_id,
+        sandbox_id=model.sandbox_id,
+        name=model.name,
+        layer=model.layer,
+        created_at=model.created_at,
+    )
+
+
+_METRIC_FIELDS = ("cpu_count", "cpu_used_pct", "mem_used", "mem_total", "mem_cache", "disk_used", "disk_total")
+_LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+def encode_snapshot_cursor(created_at: datetime, snapshot_id: str) -> str:
+    raw = f"{created_at.astimezone(UTC).isoformat()}__{snapshot_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_snapshot_cursor(token: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        stamp, _, snapshot_id = raw.partition("__")
+        created_at = datetime.fromisoformat(stamp)
+        if not snapshot_id or created_at.tzinfo is None:
+            raise ValueError(raw)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidArgument(f"invalid nextToken {token!r}") from None
+    return created_at.astimezone(UTC), snapshot_id
 
 
 def _column_values(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -72,6 +122,8 @@ def _column_values(fields: Mapping[str, Any]) -> dict[str, Any]:
             value = SandboxState(value).value
         elif name in ("metadata", "env_vars"):
             value = dict(value or {})
+        elif name == "layers":
+            value = None if value is None else list(value)
         values["metadata_" if name == "metadata" else name] = value
     return values
 
@@ -386,3 +438,178 @@ class Store:
                 .execution_options(synchronize_session=False)
             )
             return int(result.rowcount)  # type: ignore[attr-defined]
+
+    # -- snapshots ---------------------------------------------------------------------------------
+
+    def insert_snapshot(self, row: SnapshotRow) -> None:
+        with self._transaction() as session:
+            session.add(SnapshotModel(**{f: getattr(row, f) for f in SnapshotRow.__dataclass_fields__}))
+
+    def get_snapshot(self, snapshot_id: str, team_id: str | None = None) -> SnapshotRow | None:
+        statement = select(SnapshotModel).where(SnapshotModel.snapshot_id == snapshot_id)
+        if team_id is not None:
+            statement = statement.where(SnapshotModel.team_id == team_id)
+        with self._sessions() as session:
+            model = session.scalar(statement)
+            return None if model is None else _snapshot_row(model)
+
+    def snapshot_by_name(self, team_id: str, name: str) -> SnapshotRow | None:
+        statement = select(SnapshotModel).where(SnapshotModel.team_id == team_id, SnapshotModel.name == name)
+        with self._sessions() as session:
+            model = session.scalar(statement)
+            return None if model is None else _snapshot_row(model)
+
+    def update_snapshot(self, snapshot_id: str, *, sandbox_id: str, layer: str, created_at: datetime) -> None:
+        with self._transaction() as session:
+            session.execute(
+                update(SnapshotModel)
+                .where(SnapshotModel.snapshot_id == snapshot_id)
+                .values(sandbox_id=sandbox_id, layer=layer, created_at=created_at)
+                .execution_options(synchronize_session=False)
+            )
+
+    def delete_snapshot(self, snapshot_id: str, team_id: str) -> SnapshotRow | None:
+        """Remove a snapshot's record; returns it, or None when there was none (of this team)."""
+        with self._transaction() as session:
+            model = session.scalar(
+                select(SnapshotModel).where(SnapshotModel.snapshot_id == snapshot_id, SnapshotModel.team_id == team_id)
+            )
+            if model is None:
+                return None
+            row = _snapshot_row(model)
+            session.delete(model)
+            return row
+
+    def list_snapshots(
+        self,
+        team_id: str,
+        *,
+        sandbox_id: str | None = None,
+        names: Collection[str] = (),
+        limit: int = 100,
+        next_token: str | None = None,
+    ) -> tuple[list[SnapshotRow], str | None]:
+        """One page of the team's snapshots, newest first; `names` matches a snapshot's id or name."""
+        statement = select(SnapshotModel).where(SnapshotModel.team_id == team_id)
+        if sandbox_id is not None:
+            statement = statement.where(SnapshotModel.sandbox_id == sandbox_id)
+        if names:
+            statement = statement.where(or_(SnapshotModel.snapshot_id.in_(names), SnapshotModel.name.in_(names)))
+        if next_token:
+            created, key = decode_snapshot_cursor(next_token)
+            statement = statement.where(
+                or_(
+                    SnapshotModel.created_at < created,
+                    and_(SnapshotModel.created_at == created, SnapshotModel.snapshot_id < key),
+                )
+            )
+        statement = statement.order_by(SnapshotModel.created_at.desc(), SnapshotModel.snapshot_id.desc())
+        with self._sessions() as session:
+            rows = [_snapshot_row(m) for m in session.scalars(statement.limit(limit + 1))]
+        if len(rows) <= limit:
+            return rows, None
+        rows = rows[:limit]
+        return rows, encode_snapshot_cursor(rows[-1].created_at, rows[-1].snapshot_id)
+
+    # -- layers the lifecycle made -----------------------------------------------------------------
+
+    def add_owned_layer(self, digest: str, kind: str) -> None:
+        """Record that a snapshot or fork made layer `digest` (idempotent)."""
+        with self._transaction() as session:
+            if session.get(OwnedLayerModel, digest) is None:
+                session.add(OwnedLayerModel(digest=digest, kind=kind, created_at=_now()))
+
+    def owned_layers(self) -> list[str]:
+        with self._sessions() as session:
+            return list(session.scalars(select(OwnedLayerModel.digest).order_by(OwnedLayerModel.created_at)))
+
+    def remove_owned_layer(self, digest: str) -> None:
+        with self._transaction() as session:
+            session.execute(delete(OwnedLayerModel).where(OwnedLayerModel.digest == digest))
+
+    def layers_in_use(self) -> set[str]:
+        """Layer digests that live sandboxes are made of, or that snapshots added."""
+        live = select(SandboxModel.layers).where(SandboxModel.state.in_(_states(LIVE_STATES)))
+        with self._sessions() as session:
+            used = {digest for layers in session.scalars(live) for digest in (layers or ())}
+            used.update(session.scalars(select(SnapshotModel.layer)))
+        return used
+
+    # -- metrics -----------------------------------------------------------------------------------
+
+    def add_metrics(self, rows: Collection[MetricRow]) -> None:
+        """Record samples (of sandboxes that still exist: samples of a vanished one are dropped)."""
+        if not rows:
+            return
+        with self._transaction() as session:
+            known = set(
+                session.scalars(
+                    select(SandboxModel.sandbox_id).where(
+                        SandboxModel.sandbox_id.in_({r.sandbox_id for r in rows}),
+                        SandboxModel.state != SandboxState.KILLED.value,
+                    )
+                )
+            )
+            session.add_all(
+                SandboxMetricModel(sandbox_id=r.sandbox_id, ts=r.ts, **{f: getattr(r, f) for f in _METRIC_FIELDS})
+                for r in rows
+                if r.sandbox_id in known
+            )
+
+    def metrics(self, sandbox_id: str, start: datetime | None = None, end: datetime | None = None) -> list[MetricRow]:
+        """A sandbox's samples with `start <= ts <= end`, oldest first."""
+        statement = select(SandboxMetricModel).where(SandboxMetricModel.sandbox_id == sandbox_id)
+        if start is not None:
+            statement = statement.where(SandboxMetricModel.ts >= start)
+        if end is not None:
+            statement = statement.where(SandboxMetricModel.ts <= end)
+        statement = statement.order_by(SandboxMetricModel.ts, SandboxMetricModel.id)
+        with self._sessions() as session:
+            return [
+                MetricRow(sandbox_id=m.sandbox_id, ts=m.ts, **{f: getattr(m, f) for f in _METRIC_FIELDS})
+                for m in session.scalars(statement)
+            ]
+
+    # -- logs --------------------------------------------------------------------------------------
+
+    def add_log(self, sandbox_id: str, level: str, message: str, *, ts: datetime | None = None) -> None:
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"unknown log level {level!r}")
+        with self._transaction() as session:
+            session.add(SandboxLogModel(sandbox_id=sandbox_id, ts=ts or _now(), level=level, message=message))
+
+    def logs(
+        self,
+        sandbox_id: str,
+        *,
+        start: datetime | None = None,
+        limit: int = 1000,
+        forward: bool = True,
+        min_level: str | None = None,
+        search: str | None = None,
+    ) -> list[LogRow]:
+        """Log lines from `start` on (forward, oldest first) or up to it (backward, newest first)."""
+        statement = select(SandboxLogModel).where(SandboxLogModel.sandbox_id == sandbox_id)
+        if start is not None:
+            statement = statement.where(SandboxLogModel.ts >= start if forward else SandboxLogModel.ts <= start)
+        if min_level is not None:
+            if min_level not in _LOG_LEVELS:
+                raise InvalidArgument(f"invalid level {min_level!r}: expected one of {', '.join(_LOG_LEVELS)}")
+            statement = statement.where(SandboxLogModel.level.in_(_LOG_LEVELS[_LOG_LEVELS.index(min_level) :]))
+        if search:
+            statement = statement.where(SandboxLogModel.message.contains(search, autoescape=True))
+        if forward:
+            statement = statement.order_by(SandboxLogModel.ts, SandboxLogModel.id)
+        else:
+            statement = statement.order_by(SandboxLogModel.ts.desc(), SandboxLogModel.id.desc())
+        with self._sessions() as session:
+            return [
+                LogRow(sandbox_id=m.sandbox_id, ts=m.ts, level=m.level, message=m.message)
+                for m in session.scalars(statement.limit(limit))
+            ]
+
+    def purge_sandbox_data(self, sandbox_id: str) -> None:
+        """Drop a sandbox's metrics and logs (when it is killed)."""
+        with self._transaction() as session:
+            session.execute(delete(SandboxMetricModel).where(SandboxMetricModel.sandbox_id == sandbox_id))
+            session.execute(delete(SandboxLogModel).where(SandboxLogModel.sandbox_id == sandbox_id))
