@@ -2,25 +2,30 @@
 
 Routing (pure, `route_target`): Host `{port}-{sandboxID}.{domain}` first, else the headers
 `E2b-Sandbox-Id` + `E2b-Sandbox-Port`. Port 49983 goes to the node's envd app; any other port is
-reverse-proxied to that port inside the sandbox. Unknown or dead sandboxes answer 502 (the SDK's
+reverse-proxied to that port inside the sandbox (`public_ports`: HTTP and WebSocket, the traffic
+access token and `maskRequestHost` of the sandbox's ingress policy). Unknown or dead sandboxes answer 502 (the SDK's
 `is_running()` reads 502 as "not running"). When a sandbox ends mid-request its envd streams are cut
 at the transport level, as a dying VM would cut them, so clients see a dropped connection.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import socket
+import struct
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from corral.core.ids import is_sandbox_id
 from corral.core.sandbox import ENVD_PORT
 from corral.node.envd.context import SCOPE_KEY
 from corral.node.envd.process import SandboxGone
+from corral.server.public_ports import PublicPorts, check_traffic_token
 
 __all__ = ["route_target", "SandboxProxy", "INTERNAL_ENVD_PATHS"]
 
@@ -28,17 +33,6 @@ log = logging.getLogger(__name__)
 
 # envd paths only the orchestrator may call; never reachable from outside.
 INTERNAL_ENVD_PATHS = frozenset({"/init", "/freeze", "/unfreeze", "/collapse", "/fsfreeze", "/fsthaw"})
-_HOP_BY_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"proxy-authenticate",
-    b"proxy-authorization",
-    b"te",
-    b"trailers",
-    b"transfer-encoding",
-    b"upgrade",
-    b"host",
-}
 
 
 def route_target(headers: Mapping[str, str], domain: str) -> tuple[str, int] | None:
@@ -77,15 +71,33 @@ class SandboxProxy:
     def __init__(self, node: Any, envd_app: ASGIApp) -> None:
         self.node = node
         self.envd_app = envd_app
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), follow_redirects=False)
+        self.public_ports = PublicPorts()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self.public_ports.aclose()
+
+    def _ingress(self, sandbox_id: str) -> Any:
+        """The sandbox's ingress policy (traffic token, Host mask), as its node network keeps it."""
+        policy_of = getattr(getattr(self.node, "network", None), "policy", None)
+        policy = policy_of(sandbox_id) if policy_of is not None else None
+        return policy.ingress if policy is not None else None
+
+    async def _public_traffic_allowed(self, sandbox_id: str, port: int, scope: Scope, send: Send) -> bool:
+        """Ports other than envd's need the traffic access token when the sandbox has one (403)."""
+        refused = None if port == ENVD_PORT else check_traffic_token(self._ingress(sandbox_id), scope_headers(scope))
+        if refused is not None:
+            await self.public_ports.reject(scope, send, 403, {"sandboxId": sandbox_id, **refused})
+        return refused is None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, target: tuple[str, int]) -> None:
         sandbox_id, port = target
+        if not await self._public_traffic_allowed(sandbox_id, port, scope, send):  # before any wake
+            return
+        # Auto-resume: traffic to a paused sandbox that asked for it wakes it (not a health probe).
+        if sandbox_id not in self.node and not (port == ENVD_PORT and scope["path"] == "/health"):
+            await self.node.wake(sandbox_id)
         if sandbox_id not in self.node:
-            await send_json(send, 502, {"sandboxId": sandbox_id, "message": "The sandbox was not found", "code": 502})
+            await self.public_ports.reject(scope, send, 502, {"sandboxId": sandbox_id, "message": "The sandbox was not found", "code": 502})
             return
         handle = self.node.get(sandbox_id)
         if port == ENVD_PORT:
@@ -104,58 +116,36 @@ class SandboxProxy:
         envd_scope = dict(scope, headers=headers)
         envd_scope[SCOPE_KEY] = handle.envd
         processes = handle.envd.processes
+        started = False
 
         async def guarded_send(message: Any) -> None:
+            nonlocal started
             if processes.closed:
                 raise SandboxGone(handle.sandbox_id)
+            started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.envd_app(envd_scope, receive, guarded_send)
         except SandboxGone:
-            # Re-raised on purpose: the server then drops the connection without ending the body.
-            raise
+            if not started:
+                await send_json(send, 502, {"sandboxId": handle.sandbox_id, "message": "The sandbox was not found", "code": 502})
+                return
+            # Cut the connection as a dying VM would: a reset, which the SDKs read as a dropped
+            # connection (they then probe /health, get 502 and report the sandbox's end). ASGI has
+            # no abort message, so use the server's transport when it is there (uvicorn's `send` is
+            # a method of its request cycle, which holds it); either way, returning with the body
+            # unfinished makes the server close the connection.
+            log.info("sandbox %s ended: cutting its envd stream %s", handle.sandbox_id, scope["path"])
+            transport = getattr(getattr(send, "__self__", None), "transport", None)
+            sock = transport.get_extra_info("socket") if hasattr(transport, "get_extra_info") else None
+            if sock is not None and hasattr(transport, "abort"):
+                # A socket the client already closed has no fd left (uvloop raises ValueError).
+                with contextlib.suppress(OSError, ValueError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                transport.abort()
+                await asyncio.sleep(0)  # the server sees the connection lost before the call returns
 
     async def _forward(self, handle: Any, port: int, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await send_json(send, 501, {"code": 501, "message": "websockets to sandbox ports are not supported yet"})
-            return
-
-        async def body() -> Any:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                yield message.get("body", b"")
-                if not message.get("more_body", False):
-                    return
-
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP_BY_HOP]
-        query = scope.get("query_string", b"").decode("latin-1")
-        url = f"http://{handle.ip}:{port}{scope.get('raw_path', scope['path'].encode()).decode('latin-1').split('?')[0]}"
-        if query:
-            url += "?" + query
-        host = scope_headers(scope).get("host", f"localhost:{port}")
-        headers.append((b"host", host.encode("latin-1")))
-        request = self._client.build_request(scope["method"], url, headers=headers, content=body())
-        try:
-            response = await self._client.send(request, stream=True)
-        except httpx.ConnectError:
-            await send_json(
-                send,
-                502,
-                {"sandboxId": handle.sandbox_id, "message": "The sandbox is running but port is not open", "port": port, "code": 502},
-            )
-            return
-        try:
-            out_headers = [
-                (k.encode("latin-1"), v.encode("latin-1"))
-                for k, v in response.headers.multi_items()
-                if k.lower().encode() not in _HOP_BY_HOP and k.lower() != "content-length"
-            ]
-            await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-        finally:
-            await response.aclose()
+        ingress = self._ingress(handle.sandbox_id)
+        await self.public_ports.forward(handle.sandbox_id, str(handle.ip), port, ingress, scope, receive, send)
