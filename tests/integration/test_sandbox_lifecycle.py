@@ -46,6 +46,10 @@ def test_kill_leaves_nothing_behind(e2b_env: ServerProcess) -> None:
     assert "container" in _host_traces(sbx.sandbox_id)
     veths_before = subprocess.run(["ip", "-o", "link", "show", "master", TEST_BRIDGE], capture_output=True, text=True).stdout
     sbx.kill()
+    # Teardown finishes in the background after the API answered; it must finish, and soon.
+    deadline = time.monotonic() + 10
+    while _host_traces(sbx.sandbox_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert _host_traces(sbx.sandbox_id) == []
     veths_after = subprocess.run(["ip", "-o", "link", "show", "master", TEST_BRIDGE], capture_output=True, text=True).stdout
     assert len(veths_after.splitlines()) == len(veths_before.splitlines()) - 1
