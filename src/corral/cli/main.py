@@ -9,6 +9,7 @@ import typer
 
 from corral.cli.sandbox import app as sandbox_app
 from corral.cli.server import server, setup
+from corral.cli.template import app as template_app
 
 __all__ = ["app"]
 
@@ -16,6 +17,7 @@ app = typer.Typer(help="Corral: self-hosted secure sandboxes for AI agents.", no
 app.command()(setup)
 app.command()(server)
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(template_app, name="template")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 
 The async twin (`AsyncSandbox`, ...) is the source; the sync one is generated from it by
 `scripts/unasync.py`. Both speak E2B's wire protocol, so they work against Corral and E2B.
-Only `httpx` is needed; nothing here imports the server.
+Templates: `Template().from_template("base").run_cmd(...)`, then `Template.build(template, "name")`
+(E2B's builder, name for name). Only `httpx` is needed; nothing here imports the server.
 """
 
 from corral.sdk._async import (
@@ -21,6 +22,7 @@ from corral.sdk._async import (
     AsyncSandboxPaginator,
     AsyncWatchHandle,
 )
+from corral.sdk._async.template import AsyncTemplate
 from corral.sdk._config import UNSET, ConnectionConfig, ConnectionOptions, Unset
 from corral.sdk._errors import (
     AlreadyExistsException,
@@ -69,6 +71,35 @@ from corral.sdk._sync import (
     SandboxPaginator,
     WatchHandle,
 )
+from corral.sdk._sync.template import Template
+from corral.sdk._template import (
+    CopyItem,
+    ReadyCmd,
+    TemplateBase,
+    TemplateBuilder,
+    TemplateClass,
+    TemplateFinal,
+    wait_for_file,
+    wait_for_port,
+    wait_for_process,
+    wait_for_timeout,
+    wait_for_url,
+)
+from corral.sdk._template_api import (
+    BuildException,
+    BuildInfo,
+    BuildStatusReason,
+    FileUploadException,
+    LogEntry,
+    LogEntryEnd,
+    LogEntryLevel,
+    LogEntryStart,
+    TemplateBuildStatus,
+    TemplateBuildStatusResponse,
+    TemplateInfo,
+    TemplateTag,
+    TemplateTagInfo,
+)
 
 __all__ = [
     "UNSET",
@@ -82,8 +113,12 @@ __all__ = [
     "AsyncPty",
     "AsyncSandbox",
     "AsyncSandboxPaginator",
+    "AsyncTemplate",
     "AsyncWatchHandle",
     "AuthenticationException",
+    "BuildException",
+    "BuildInfo",
+    "BuildStatusReason",
     "CommandExitException",
     "CommandHandle",
     "CommandResult",
@@ -91,10 +126,12 @@ __all__ = [
     "ConnectionConfig",
     "ConnectionException",
     "ConnectionOptions",
+    "CopyItem",
     "EntryInfo",
     "FileNotFoundException",
     "FileStreamReader",
     "FileType",
+    "FileUploadException",
     "Filesystem",
     "FilesystemEvent",
     "FilesystemEventType",
@@ -105,6 +142,10 @@ __all__ = [
     "GitStatus",
     "GitUpstreamException",
     "InvalidArgumentException",
+    "LogEntry",
+    "LogEntryEnd",
+    "LogEntryLevel",
+    "LogEntryStart",
     "NotFoundException",
     "NotSupportedException",
     "OutputHandler",
@@ -113,6 +154,7 @@ __all__ = [
     "Pty",
     "PtySize",
     "RateLimitException",
+    "ReadyCmd",
     "Sandbox",
     "SandboxException",
     "SandboxInfo",
@@ -123,9 +165,24 @@ __all__ = [
     "SandboxPaginator",
     "SandboxQuery",
     "SandboxState",
+    "Template",
+    "TemplateBase",
+    "TemplateBuildStatus",
+    "TemplateBuildStatusResponse",
+    "TemplateBuilder",
+    "TemplateClass",
+    "TemplateFinal",
+    "TemplateInfo",
+    "TemplateTag",
+    "TemplateTagInfo",
     "TimeoutException",
     "Unset",
     "WatchHandle",
     "WriteEntry",
     "WriteInfo",
+    "wait_for_file",
+    "wait_for_port",
+    "wait_for_process",
+    "wait_for_timeout",
+    "wait_for_url",
 ]
