@@ -240,3 +240,17 @@ def test_debian_image_gets_the_default_user_and_runs_steps(e2b_env, created) -> 
     created.append(sandbox)
     assert sandbox.files.read("/tmp/me") == "user\n"
     assert sandbox.commands.run("sudo -n true && echo sudo-ok").stdout == "sudo-ok\n"
+
+
+def test_sandboxes_start_in_the_template_workdir_as_its_user(e2b_env, created) -> None:
+    """A template's WORKDIR and USER are the defaults of its sandboxes' processes and files."""
+    template = Template().from_template("base").run_cmd("mkdir -p /opt/work && chmod 777 /opt/work", user="root")
+    template = template.set_workdir("/opt/work").set_user("root")
+    name = _name()
+    Template.build(template, name)
+    sandbox = Sandbox.create(name)
+    created.append(sandbox)
+    assert sandbox.commands.run("whoami; pwd").stdout == "root\n/opt/work\n"
+    assert sandbox.commands.run("pwd", user="user").stdout == "/opt/work\n"
+    sandbox.files.write("/tmp/owned", "x")
+    assert sandbox.commands.run("stat -c %U /tmp/owned").stdout == "root\n"

@@ -70,7 +70,7 @@ def test_manifest_file_layout_and_defaults(store: TemplateStore, tmp_path: Path)
     assert data["names"] == ["base"]
     assert data["layers"] == [DIGEST_A]
     assert (data["cpu_count"], data["memory_mb"], data["disk_size_mb"]) == (2, 512, 2048)
-    assert (data["default_user"], data["default_workdir"]) == ("user", "/home/user")
+    assert (data["default_user"], data["default_workdir"]) == ("user", None)
     assert data["created_at"].endswith("Z") and "T" in data["created_at"]
     assert len(data["build_id"]) == 36
 

@@ -392,7 +392,7 @@ class TemplateBuildService:
                 cpu_count=record.cpu_count,
                 memory_mb=record.memory_mb,
                 default_user=outcome.context.user,
-                default_workdir=outcome.context.workdir or "/",
+                default_workdir=outcome.context.workdir,
                 created_at=existing.created_at if existing is not None else now,
                 build_id=record.build_id,
                 env_vars=outcome.context.env_dict(),

@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from corral.core.errors import FailedPrecondition, NotFound, Unavailable
+from corral.core.errors import CorralError, FailedPrecondition, NotFound, Unavailable
 from corral.core.sandbox import SandboxSpec
 from corral.core.settings import Settings
 from corral.node.cgroups import (
@@ -379,9 +379,18 @@ class Node:
             spawner=RuntimeSpawner(self.runtime, spec.sandbox_id, handle.path, self._nofile_hard),
             processes=ProcessTable(),
             usage=lambda: self.usage(spec.sandbox_id),
+            **self._template_defaults(spec.template_id),
         )
         if self.local_envd is not None:
             self.local_envd.open(spec.sandbox_id, f"/proc/{init_pid}/ns/net")
+
+    def _template_defaults(self, template_id: str) -> dict[str, Any]:
+        """The template's default user and workdir, which envd applies to requests that name none."""
+        try:
+            template = self.templates.get(template_id)
+        except CorralError:  # a deleted template: its sandboxes keep E2B's defaults
+            return {}
+        return {"default_user": template.default_user, "default_workdir": template.default_workdir}
 
     @staticmethod
     def _close_envd(handle: SandboxHandle) -> None:

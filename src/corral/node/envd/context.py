@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from corral.core.sandbox import DEFAULT_USER
 from corral.node.envd.watch import WatcherRegistry
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ class EnvdSandbox:
     processes: ProcessTable  # processes started through envd
     watchers: WatcherRegistry = dataclasses.field(default_factory=WatcherRegistry)  # directory watches
     usage: Callable[[], SandboxUsage] | None = None  # what it uses now, for GET /metrics (blocking)
+    default_user: str = DEFAULT_USER  # the template's user: requests naming no user act as it
+    default_workdir: str | None = None  # the template's workdir: processes started without a cwd run here
 
     def default_env(self) -> dict[str, str]:
         """Sandbox-level env vars every process gets (e2b-protocol.md §6.3), also served by GET /envs."""

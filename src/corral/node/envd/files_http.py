@@ -39,7 +39,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from corral.core.errors import CorralError, InvalidArgument, Unauthenticated
-from corral.core.sandbox import DEFAULT_USER
 from corral.node.envd.confined import ConfinedRoot, DiskFull, error_from_oserror
 from corral.node.envd.context import EnvdSandbox, sandbox_from_scope
 from corral.node.envd.entry import resolve_user_path, validate_metadata, write_metadata
@@ -143,7 +142,7 @@ def _authorize(request: Request, sandbox: EnvdSandbox, operation: str) -> None:
 
 
 async def _acting_user(request: Request, sandbox: EnvdSandbox) -> UserIds:
-    username = request.query_params.get("username") or DEFAULT_USER
+    username = request.query_params.get("username") or sandbox.default_user
     try:
         return await anyio.to_thread.run_sync(lookup_user, sandbox.root, username)
     except Unauthenticated:

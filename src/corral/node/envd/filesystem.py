@@ -115,7 +115,7 @@ class FilesystemService:
         headers = ctx.request_headers
         try:
             sandbox = self._lookup(headers)
-            username = acting_username(headers)
+            username = acting_username(headers, sandbox.default_user)
 
             def run() -> _T:
                 return work(sandbox, lookup_user(sandbox.root, username))

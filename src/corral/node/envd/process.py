@@ -291,22 +291,22 @@ def connect_error(exc: CorralError) -> ConnectError:
     return ConnectError(Code[exc.code.upper()], exc.message)
 
 
-def acting_username(headers: Mapping[str, str]) -> str:
+def acting_username(headers: Mapping[str, str], default: str = DEFAULT_USER) -> str:
     """`Authorization: Basic base64("<user>:")` selects the user; no header means the default user."""
     value = headers.get("authorization", "")
     if not value.lower().startswith("basic "):
-        return DEFAULT_USER
+        return default
     try:
         decoded = base64.b64decode(value[6:].strip()).decode()
     except ValueError:
         raise ConnectError(Code.UNAUTHENTICATED, "invalid authorization header") from None
-    return decoded.split(":", 1)[0] or DEFAULT_USER
+    return decoded.split(":", 1)[0] or default
 
 
-def resolve_cwd(cwd: str | None, home: str) -> str:
-    """envd's rule: empty → $HOME, `~` and `~/x` expanded, relative → $HOME/<cwd>."""
+def resolve_cwd(cwd: str | None, home: str, workdir: str | None = None) -> str:
+    """envd's rule: empty → the template's workdir or $HOME, `~` and `~/x` expanded, relative → $HOME/<cwd>."""
     if not cwd:
-        return home
+        return workdir or home
     if cwd == "~" or cwd.startswith("~/"):
         cwd = home + cwd[1:]
     if not cwd.startswith("/"):
@@ -360,7 +360,7 @@ class ProcessService(process_connect.Process):
 
     def _user(self, sandbox: EnvdSandbox, ctx: Any) -> UserIds:
         try:
-            return self._lookup_user(sandbox.root, acting_username(ctx.request_headers))
+            return self._lookup_user(sandbox.root, acting_username(ctx.request_headers, sandbox.default_user))
         except CorralError as exc:
             raise connect_error(exc) from None
 
@@ -416,7 +416,7 @@ class ProcessService(process_connect.Process):
         config = request.process or pb.ProcessConfig()
         if not config.cmd:
             raise ConnectError(Code.INVALID_ARGUMENT, "process.cmd is required")
-        cwd = resolve_cwd(_optional(config, "cwd"), user.home)
+        cwd = resolve_cwd(_optional(config, "cwd"), user.home, sandbox.default_workdir)
         try:
             is_dir = stat.S_ISDIR(sandbox.root.stat(cwd).st_mode)
         except CorralError:

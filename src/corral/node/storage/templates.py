@@ -77,7 +77,7 @@ class TemplateManifest:
     memory_mb: int = 512
     disk_size_mb: int = 2048
     default_user: str = "user"
-    default_workdir: str = "/home/user"
+    default_workdir: str | None = None  # None: processes without a cwd start in the user's home
     created_at: str = dataclasses.field(default_factory=now_rfc3339)
     build_id: str = dataclasses.field(default_factory=new_build_id)
     # Env vars every process of the template's sandboxes gets (below create-time envVars).
