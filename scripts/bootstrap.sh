@@ -46,6 +46,7 @@ packages=(
     ca-certificates
     docker-registry  # tests: a local OCI registry for template pulls
     umoci skopeo     # tests: build and push images into it
+    runsc            # gVisor: the optional stronger runtime (`--runtime runsc`)
 )
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
     packages+=(nodejs npm)  # tests: the official JS SDK smoke test

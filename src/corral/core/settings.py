@@ -12,6 +12,8 @@ Precedence: explicit argument (CLI flag) > environment variable > default.
 | CORRAL_BRIDGE    | corral0            | host bridge the sandboxes' veths attach to           |
 | CORRAL_SUBNET    | 10.201.0.0/16      | private pool sandbox addresses come from             |
 | CORRAL_RUNTIME   | crun               | OCI runtime binary                                   |
+| CORRAL_ALLOW_VULNERABLE_RUNTIME | off | run on a runtime with known escapes anyway      |
+| CORRAL_USERNS    | off                | sandbox uids in a user namespace (experimental)      |
 """
 
 from __future__ import annotations
@@ -34,7 +36,19 @@ _ENV = {
     "bridge": ("CORRAL_BRIDGE", str, "corral0"),
     "subnet": ("CORRAL_SUBNET", ipaddress.IPv4Network, ipaddress.IPv4Network("10.201.0.0/16")),
     "runtime": ("CORRAL_RUNTIME", str, "crun"),
+    "allow_vulnerable_runtime": ("CORRAL_ALLOW_VULNERABLE_RUNTIME", bool, False),
+    "userns": ("CORRAL_USERNS", bool, False),
 }
+
+
+def _flag(raw: str) -> bool:
+    """Environment flags: 1/true/yes/on are on, 0/false/no/off are off."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a flag value: {raw!r}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,6 +61,8 @@ class Settings:
     bridge: str
     subnet: ipaddress.IPv4Network
     runtime: str
+    allow_vulnerable_runtime: bool = False
+    userns: bool = False
 
     @property
     def db_url(self) -> str:
@@ -95,5 +111,8 @@ def load_settings(overrides: Mapping[str, Any] | None = None, env: Mapping[str, 
         else:
             values[name] = default
             continue
-        values[name] = raw if isinstance(raw, kind) else kind(raw)
+        if isinstance(raw, kind):
+            values[name] = raw
+        else:
+            values[name] = _flag(raw) if kind is bool else kind(raw)
     return Settings(**values)

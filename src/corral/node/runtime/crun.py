@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.core.errors import FailedPrecondition, Internal, InvalidArgument
+from corral.node import spawn
 from corral.node.runtime._fdio import is_readable_now, read_chunk, wait_readable, write_all
 from corral.node.runtime.base import ExitStatus, PtySize, SpawnRequest
 from corral.node.runtime.oci import build_exec_process
@@ -53,32 +54,35 @@ class OciRuntime:
         return [self.binary, "--root", str(self.state_root), *self.traits.global_args, *args]
 
     async def _run(self, *args: str, check: bool = True) -> tuple[int, bytes, bytes]:
-        proc = await asyncio.create_subprocess_exec(
-            *self._argv(*args),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await proc.communicate()
-        if check and proc.returncode != 0:
-            raise Internal(f"{self.binary} {args[0]} failed: {err.decode(errors='replace').strip()}")
-        return proc.returncode or 0, out, err
+        # posix_spawn (corral.node.spawn): asyncio's fork of the server would block its loop.
+        done = await spawn.run(self._argv(*args))
+        if check and done.returncode != 0:
+            raise Internal(f"{self.binary} {args[0]} failed: {done.stderr.decode(errors='replace').strip()}")
+        return done.returncode, done.stdout, done.stderr
 
     async def run(self, container_id: str, bundle: Path) -> int:
         """Create and start a detached container; returns the host pid of its init."""
         pid_file = bundle / "init.pid"
         log_file = bundle / "runtime.log"
         # The container's init inherits the runtime's stdio: never give it our pipes (they would
-        # stay open for the sandbox's whole life).
-        with open(log_file, "wb") as log:
-            proc = await asyncio.create_subprocess_exec(
-                *self._argv("run", "--detach", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
-            await proc.wait()
-        if proc.returncode != 0:
+        # stay open for the sandbox's whole life), so its output goes to a log file.
+        argv = self._argv("run", "--detach", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id)
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, str(log_file), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ]
+        pid = os.posix_spawn(_which(argv[0]), argv, os.environ, file_actions=actions)  # noqa: ASYNC221 - vfork
+        pidfd = os.pidfd_open(pid)
+        try:
+            await wait_readable(pidfd)
+            returncode = os.waitid(os.P_PIDFD, pidfd, os.WEXITED).si_status  # noqa: ASYNC222 - it has exited
+        except BaseException:
+            _kill_and_reap(pid, pidfd)
+            raise
+        else:
+            os.close(pidfd)
+        if returncode != 0:
             detail = log_file.read_text(errors="replace").strip()
             raise Internal(f"{self.binary} run failed for sandbox {container_id}: {detail}")
         return int(pid_file.read_text())
@@ -345,37 +349,61 @@ class RuntimeSpawner:
         )
         token = uuid.uuid4().hex[:16]
         process_file = self.bundle / f"exec-{token}.json"
-        process_file.write_text(json.dumps(process))
         pid_file = self.bundle / f"pid-{token}"
+        spec_fd: int | None = None
         if with_pid_pipe:
-            argv = self.runtime._argv("exec", "--preserve-fds", "1", "--process", str(process_file))
+            # The process spec goes in a memfd the runtime reads as /proc/self/fd/4: no file to
+            # create and unlink on the sandbox dir's filesystem (~1 ms per exec there). fd 4 is
+            # not passed on to the command: `--preserve-fds 1` keeps only fd 3.
+            spec_fd = _memfd_with(json.dumps(process).encode())
+            argv = self.runtime._argv("exec", "--preserve-fds", "1", "--process", f"/proc/self/fd/{_SPEC_FD}")
         else:
+            process_file.write_text(json.dumps(process))
             argv = self.runtime._argv("exec", "--internal-pid-file", str(pid_file), "--process", str(process_file))
         console: socket.socket | None = None
         console_path = self.bundle / f"tty-{token}.sock"  # short: AF_UNIX paths end at 107 bytes
+        host_pty: tuple[int, int] | None = None
         try:
-            if request.pty is not None:
+            if request.pty is not None and not self.runtime.traits.console_socket:
+                host_pty = _open_host_pty(request.pty)  # runsc: its stdio becomes the terminal
+            elif request.pty is not None:
                 console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
                 console.bind(str(console_path))
                 console.listen(1)
                 argv += ["--console-socket", str(console_path)]
             argv.append(self.container_id)
-            return await self._start(argv, request, console, None if with_pid_pipe else pid_file)
+            return await self._start(argv, request, console, None if with_pid_pipe else pid_file, spec_fd, host_pty)
         finally:
-            process_file.unlink(missing_ok=True)
-            pid_file.unlink(missing_ok=True)
+            if host_pty is not None:
+                os.close(host_pty[1])  # the runtime holds the slave now; we keep the master
+            if spec_fd is not None:
+                os.close(spec_fd)
+            else:
+                process_file.unlink(missing_ok=True)
+                pid_file.unlink(missing_ok=True)
             if console is not None:
                 console.close()
                 console_path.unlink(missing_ok=True)
 
     async def _start(
-        self, argv: list[str], request: SpawnRequest, console: socket.socket | None, pid_file: Path | None
+        self,
+        argv: list[str],
+        request: SpawnRequest,
+        console: socket.socket | None,
+        pid_file: Path | None,
+        spec_fd: int | None = None,
+        host_pty: tuple[int, int] | None = None,
     ) -> RuntimeProcess:
         fds = _SpawnFds()
+        if spec_fd is not None:
+            fds.actions.append((os.POSIX_SPAWN_DUP2, spec_fd, _SPEC_FD))
         try:
             if pid_file is None:
                 fds.pipe_from_child("pid", 3)
-            if console is None:
+            if host_pty is not None:
+                for child_fd in (0, 1, 2):
+                    fds.actions.append((os.POSIX_SPAWN_DUP2, host_pty[1], child_fd))
+            elif console is None:
                 if request.stdin:
                     fds.pipe_to_child("stdin", 0)
                 else:
@@ -390,11 +418,13 @@ class RuntimeSpawner:
             runtime_pid = os.posix_spawn(_which(argv[0]), argv, os.environ, file_actions=fds.actions)
         except BaseException:
             fds.close()
+            if host_pty is not None:
+                os.close(host_pty[0])
             raise
         fds.spawned()
         runtime_pidfd = os.pidfd_open(runtime_pid)
         pid_r = fds.ours.pop("pid", None)
-        pty_fd: int | None = None
+        pty_fd: int | None = host_pty[0] if host_pty is not None else None
         try:
             async with asyncio.timeout(_START_TIMEOUT_S):
                 if console is not None:
@@ -448,6 +478,20 @@ class RuntimeSpawner:
 
 
 _START_TIMEOUT_S = 30.0
+_SPEC_FD = 4  # where the runtime finds the exec process spec (after the pid pipe on fd 3)
+
+
+def _memfd_with(data: bytes) -> int:
+    fd = os.memfd_create("corral-exec-spec", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 async def _read_pid_file(path: Path, runtime_pidfd: int) -> bytes:
@@ -476,6 +520,14 @@ async def _read_line(fd: int) -> bytes:
             return b""
         line += chunk
     return line
+
+
+def _open_host_pty(size: PtySize) -> tuple[int, int]:
+    """(master, slave) of a new host pty of `size`; the master is non-blocking, both close-on-exec."""
+    master, slave = os.openpty()
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", size.rows, size.cols, 0, 0))
+    os.set_blocking(master, False)
+    return master, slave
 
 
 async def _receive_console(console: socket.socket, runtime_pidfd: int) -> int | None:

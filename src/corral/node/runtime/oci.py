@@ -25,6 +25,7 @@ from typing import Any
 
 from corral.node.cgroups.cpuset import format_cpuset
 from corral.node.runtime.base import PtySize, UserIds
+from corral.node.runtime.idmap import IdMap
 from corral.node.runtime.seccomp import seccomp_profile
 
 __all__ = [
@@ -106,6 +107,7 @@ def build_sandbox_config(
     cgroups_path: str,
     cpus: Sequence[int] | None = None,
     virtual_files: Mapping[str, str] | None = None,
+    id_map: IdMap | None = None,
 ) -> dict[str, Any]:
     """The config.json of a sandbox container whose PID 1 is a reaper that never exits.
 
@@ -113,6 +115,7 @@ def build_sandbox_config(
     over them; the runtime resolves mount destinations inside the rootfs, so a template cannot redirect
     them to the host with symlinks. `virtual_files` maps paths in `BOOT_ID_PATH`, `CPUINFO_PATH` and
     `CPU_ONLINE_PATH` to host files bound over them; `cpus` (host CPU numbers) becomes the cpuset.
+    `id_map` runs the sandbox in a user namespace with that mapping (see `corral.node.runtime.idmap`).
     """
     virtual_files = dict(virtual_files or {})
     unknown = set(virtual_files) - _VIRTUAL_FILE_PATHS
@@ -158,7 +161,7 @@ def build_sandbox_config(
     if cpus:
         cpu["quota"] = min(cpu_count, len(set(cpus))) * cpu_period
         cpu["cpus"] = format_cpuset(cpus)
-    return {
+    config: dict[str, Any] = {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
@@ -197,6 +200,11 @@ def build_sandbox_config(
             "seccomp": seccomp_profile(),
         },
     }
+    if id_map is not None:
+        config["linux"]["namespaces"].append({"type": "user"})
+        config["linux"]["uidMappings"] = id_map.oci_mappings()
+        config["linux"]["gidMappings"] = id_map.oci_mappings()
+    return config
 
 
 def build_exec_process(

@@ -7,7 +7,9 @@ differ in a few ways the node must know about, kept here as data (`RuntimeTraits
   nftables rules) through the host's stack, because the Debian build (2022-12-19) refuses its own
   netstack on kernels that show `net.core.rmem_default` in every namespace ("cannot run with network
   enabled in root network namespace"); `--file-access=shared` makes it revalidate files that envd
-  changes from the host side; `--oci-seccomp` applies our seccomp profile inside the Sentry too.
+  changes from the host side. Our OCI seccomp profile is not applied inside gVisor (`--oci-seccomp`
+  would only filter the init, not processes started with `runsc exec`): there the Sentry serves the
+  sandbox's syscalls and gVisor's own seccomp filter confines the Sentry on the host.
 - runsc has no `exec --preserve-fds`; the sandbox-side pid of a process comes from
   `exec --internal-pid-file`, and a signal goes through `runsc kill --pid` (its processes are not
   host processes).
@@ -18,6 +20,9 @@ differ in a few ways the node must know about, kept here as data (`RuntimeTraits
 - runsc always sets no_new_privs, so setuid programs (`sudo`) cannot raise privileges inside it.
 - runsc does not fill in the cpuset.cpus/mems of new cgroup v1 parents (crun does), so the node does
   it first (`fill_cpuset_parents`).
+- runsc's `exec --console-socket` only works with `--detach` (the exit status is then lost), so a
+  terminal for runsc is a host pty pair whose slave becomes the `runsc exec` stdio, which gVisor
+  turns into the process's terminal.
 
 Versions: `KNOWN_ADVISORIES` records the published container-escape advisories of each runtime that
 we checked, with the first fixed version per release branch. `check_runtime` probes the binary
@@ -41,21 +46,21 @@ from pathlib import Path
 from corral.core.errors import FailedPrecondition
 
 __all__ = [
+    "DEBIAN_BACKPORTS",
+    "KNOWN_ADVISORIES",
+    "TRAITS",
     "Advisory",
     "RuntimeTraits",
     "RuntimeVersion",
-    "KNOWN_ADVISORIES",
-    "DEBIAN_BACKPORTS",
-    "TRAITS",
-    "traits_for",
-    "parse_version",
-    "open_advisories",
-    "unreachable_advisories",
-    "refusal_message",
-    "probe_runtime",
     "check_runtime",
-    "unsafe_mount_targets",
     "fill_cpuset_parents",
+    "open_advisories",
+    "parse_version",
+    "probe_runtime",
+    "refusal_message",
+    "traits_for",
+    "unreachable_advisories",
+    "unsafe_mount_targets",
 ]
 
 Version = tuple[int, ...]
@@ -73,6 +78,7 @@ class RuntimeTraits:
     bind_tmp: bool = False  # bind the rootfs's /tmp over /tmp (runsc's own tmpfs would hide it)
     setuid_works: bool = True  # sudo can raise privileges (no no_new_privs forced by the runtime)
     fills_cpuset_parents: bool = True  # creates cgroup v1 cpuset parents with cpus and mems set
+    console_socket: bool = True  # `exec --console-socket` sends a pty master without detaching
 
 
 TRAITS: dict[str, RuntimeTraits] = {
@@ -80,13 +86,14 @@ TRAITS: dict[str, RuntimeTraits] = {
     "runc": RuntimeTraits("runc"),
     "runsc": RuntimeTraits(
         "runsc",
-        global_args=("--network=host", "--file-access=shared", "--oci-seccomp"),
+        global_args=("--network=host", "--file-access=shared"),
         preserve_fds=False,
         pid_from_host_child=False,
         files_from_init_root=False,
         bind_tmp=True,
         setuid_works=False,
         fills_cpuset_parents=False,
+        console_socket=False,
     ),
 }
 
@@ -132,33 +139,76 @@ _DEV_SYMLINK_GUARD = (
 KNOWN_ADVISORIES: tuple[Advisory, ...] = (
     # crun (Debian 12 ships 1.8.1)
     Advisory("crun", "CVE-2019-18837", "symlink in a mount destination escapes the rootfs", ((0, 10, 5),)),
-    Advisory("crun", "CVE-2022-27650", "exec gives processes non-empty inheritable capabilities", ((1, 4, 4),)),
     Advisory(
-        "crun", "CVE-2025-24965", "krun handler follows image symlinks to host files", ((1, 20),),
+        "crun", "CVE-2022-27650", "exec gives processes non-empty inheritable capabilities", ((1, 4, 4),)
+    ),
+    Advisory(
+        "crun",
+        "CVE-2025-24965",
+        "krun handler follows image symlinks to host files",
+        ((1, 20),),
         unreachable="the krun handler (run.oci.handler annotation) is never used",
     ),
     Advisory(
-        "crun", "CVE-2026-30892", "`exec -u 1` runs as uid 0", ((1, 27),), introduced_in=(1, 19),
+        "crun",
+        "CVE-2026-30892",
+        "`exec -u 1` runs as uid 0",
+        ((1, 27),),
+        introduced_in=(1, 19),
         unreachable="Corral never passes `exec --user`; the user comes in the process file",
     ),
     Advisory(
-        "crun", "CVE-2026-47766", "malicious image with a /dev symlink writes host files", ((1, 28),),
+        "crun",
+        "CVE-2026-47766",
+        "malicious image with a /dev symlink writes host files",
+        ((1, 28),),
         unreachable=_DEV_SYMLINK_GUARD,
     ),
     Advisory(
-        "crun", "CVE-2026-88264/CVE-2026-88265", "/dev/console and /dev/null symlinks followed before pivot_root",
-        (), unreachable=_DEV_SYMLINK_GUARD,  # fixed upstream 2026-09 (containers/crun#2249), release unknown
+        "crun",
+        "CVE-2026-88264/CVE-2026-88265",
+        "/dev/console and /dev/null symlinks followed before pivot_root",
+        (),
+        unreachable=_DEV_SYMLINK_GUARD,  # fixed upstream 2026-09 (containers/crun#2249), release unknown
     ),
     # runc (Debian 12 ships 1.1.5 with the CVE-2024-21626 backport)
-    Advisory("runc", "CVE-2019-5736", "container overwrites the host runc binary via /proc/self/exe", ((1, 0, 0),)),
+    Advisory(
+        "runc", "CVE-2019-5736", "container overwrites the host runc binary via /proc/self/exe", ((1, 0, 0),)
+    ),
     Advisory("runc", "CVE-2021-30465", "symlink-exchange race in mount destinations", ((1, 0, 0),)),
-    Advisory("runc", "CVE-2023-27561", "/proc symlink in image defeats AppArmor (regression of CVE-2019-19921)", ((1, 1, 5),)),
-    Advisory("runc", "CVE-2024-21626", "leaked host fd gives a working directory outside the rootfs", ((1, 1, 12),)),
-    Advisory("runc", "CVE-2024-45310", "racing containers create empty files on the host", ((1, 1, 14), (1, 2, 0))),
-    Advisory("runc", "CVE-2025-31133", "masked-path /dev/null race gives writes to /proc files", ((1, 2, 8), (1, 3, 3))),
-    Advisory("runc", "CVE-2025-52565", "/dev/console bind race gives writes to /proc files", ((1, 2, 8), (1, 3, 3))),
-    Advisory("runc", "CVE-2025-52881", "procfs write redirection (LSM labels, sysctls) via shared mounts", ((1, 2, 8), (1, 3, 3))),
-    Advisory("runc", "CVE-2026-41579", "malicious image with a /dev symlink deletes or creates host files", ((1, 3, 6),)),
+    Advisory(
+        "runc",
+        "CVE-2023-27561",
+        "/proc symlink in image defeats AppArmor (regression of CVE-2019-19921)",
+        ((1, 1, 5),),
+    ),
+    Advisory(
+        "runc", "CVE-2024-21626", "leaked host fd gives a working directory outside the rootfs", ((1, 1, 12),)
+    ),
+    Advisory(
+        "runc", "CVE-2024-45310", "racing containers create empty files on the host", ((1, 1, 14), (1, 2, 0))
+    ),
+    Advisory(
+        "runc",
+        "CVE-2025-31133",
+        "masked-path /dev/null race gives writes to /proc files",
+        ((1, 2, 8), (1, 3, 3)),
+    ),
+    Advisory(
+        "runc", "CVE-2025-52565", "/dev/console bind race gives writes to /proc files", ((1, 2, 8), (1, 3, 3))
+    ),
+    Advisory(
+        "runc",
+        "CVE-2025-52881",
+        "procfs write redirection (LSM labels, sysctls) via shared mounts",
+        ((1, 2, 8), (1, 3, 3)),
+    ),
+    Advisory(
+        "runc",
+        "CVE-2026-41579",
+        "malicious image with a /dev symlink deletes or creates host files",
+        ((1, 3, 6),),
+    ),
 )
 
 # CVEs a distribution fixed in its own build of an older release: (runtime, package version) → CVEs.
@@ -213,12 +263,16 @@ def _affecting(runtime: RuntimeVersion, advisories: Iterable[Advisory]) -> list[
     ]  # fmt: skip
 
 
-def open_advisories(runtime: RuntimeVersion, advisories: Iterable[Advisory] = KNOWN_ADVISORIES) -> list[Advisory]:
+def open_advisories(
+    runtime: RuntimeVersion, advisories: Iterable[Advisory] = KNOWN_ADVISORIES
+) -> list[Advisory]:
     """Advisories that affect this version and that a sandbox can reach."""
     return [a for a in _affecting(runtime, advisories) if not a.unreachable]
 
 
-def unreachable_advisories(runtime: RuntimeVersion, advisories: Iterable[Advisory] = KNOWN_ADVISORIES) -> list[Advisory]:
+def unreachable_advisories(
+    runtime: RuntimeVersion, advisories: Iterable[Advisory] = KNOWN_ADVISORIES
+) -> list[Advisory]:
     """Advisories that affect this version but that Corral's configuration makes unreachable."""
     return [a for a in _affecting(runtime, advisories) if a.unreachable]
 
@@ -243,12 +297,18 @@ def _package_version(binary_path: str) -> str:
     if shutil.which("dpkg-query") is None:
         return ""
     try:
-        owner = subprocess.run(["dpkg-query", "-S", binary_path], capture_output=True, text=True, timeout=10)
+        owner = subprocess.run(
+            ["dpkg-query", "-S", binary_path], capture_output=True, text=True, timeout=10, check=False
+        )
         if owner.returncode != 0:
             return ""
         package = owner.stdout.split(":", 1)[0].strip()
         version = subprocess.run(
-            ["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True, text=True, timeout=10
+            ["dpkg-query", "-W", "-f", "${Version}", package],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return ""
@@ -259,14 +319,20 @@ def probe_runtime(binary: str) -> RuntimeVersion:
     """Run `<binary> --version`; FailedPrecondition when the binary is missing or does not answer."""
     path = binary if "/" in binary else shutil.which(binary)
     if path is None or not os.access(path, os.X_OK):
-        raise FailedPrecondition(f"OCI runtime {binary!r} not found (install the Debian package of the same name)")
+        raise FailedPrecondition(
+            f"OCI runtime {binary!r} not found (install the Debian package of the same name)"
+        )
     try:
-        done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
+        done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise FailedPrecondition(f"OCI runtime {binary!r} does not answer --version: {exc}") from None
     name, version, first = parse_version(done.stdout or done.stderr)
     return RuntimeVersion(
-        name=name or os.path.basename(path), binary=path, version=version, text=first, package=_package_version(os.path.realpath(path))
+        name=name or os.path.basename(path),
+        binary=path,
+        version=version,
+        text=first,
+        package=_package_version(os.path.realpath(path)),
     )
 
 
@@ -285,7 +351,9 @@ def check_runtime(binary: str, *, allow_vulnerable: bool = False) -> tuple[Runti
     if open_ or not runtime.version:
         warnings.append("ALLOWED BY --allow-vulnerable-runtime: " + refusal_message(runtime, open_))
     for advisory in unreachable_advisories(runtime):
-        warnings.append(f"{runtime.label} is affected by {advisory.cve}, unreachable here: {advisory.unreachable}")
+        warnings.append(
+            f"{runtime.label} is affected by {advisory.cve}, unreachable here: {advisory.unreachable}"
+        )
     if runtime.name == "runsc" and runtime.version and runtime.version[0] < 20240000:
         warnings.append(
             f"{runtime.label} is an old gVisor snapshot; gVisor fixes Sentry bugs without CVEs, so "
@@ -302,7 +370,9 @@ _MOUNT_TARGETS = (
 )  # fmt: skip
 
 
-def unsafe_mount_targets(rootfs: str | os.PathLike[str], targets: Sequence[str] = _MOUNT_TARGETS) -> list[str]:
+def unsafe_mount_targets(
+    rootfs: str | os.PathLike[str], targets: Sequence[str] = _MOUNT_TARGETS
+) -> list[str]:
     """Mount destinations in `rootfs` that are symlinks or other non-directories/non-files.
 
     A template is hostile (SandboxImage attacker): an image whose /dev, /proc or /tmp is a symlink has

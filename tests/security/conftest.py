@@ -1,0 +1,167 @@
+"""Fixtures of the attack suite: sandboxes made with the official SDK (always killed), a second
+server on gVisor (`runsc`), and a neighbour-latency probe.
+
+The runsc server gets its own home, bridge and subnet, derived from the test ones so that runs on
+one machine stay apart: `<test home>-runsc`, `<test bridge>g`, and the test subnet moved up by 32 in
+its second octet (10.202/16 → 10.234/16), each overridable with CORRAL_TEST_RUNSC_HOME /
+CORRAL_TEST_RUNSC_BRIDGE / CORRAL_TEST_RUNSC_SUBNET. The user-namespace server likewise uses
+`-userns`, `<bridge>u` and +64 (CORRAL_TEST_USERNS_*).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from e2b import Sandbox
+
+from tests.conftest import (
+    TEST_API_KEY,
+    TEST_BRIDGE,
+    TEST_HOME,
+    TEST_SUBNET,
+    ServerProcess,
+    _free_port,
+    ensure_test_template,
+)
+
+
+def _shifted_subnet(subnet: str, by: int = 32) -> str:
+    net = ipaddress.IPv4Network(subnet)
+    first, second = net.network_address.packed[:2]
+    moved = (second + by) % 256
+    if moved == 255:  # keep clear of 10.255/16 (this machine's resolver lives there)
+        moved = 254
+    return f"{first}.{moved}.0.0/{max(net.prefixlen, 16)}"
+
+
+RUNSC_HOME = Path(os.environ.get("CORRAL_TEST_RUNSC_HOME", f"{TEST_HOME}-runsc"))
+RUNSC_BRIDGE = os.environ.get("CORRAL_TEST_RUNSC_BRIDGE", TEST_BRIDGE[:14] + "g")
+RUNSC_SUBNET = os.environ.get("CORRAL_TEST_RUNSC_SUBNET", _shifted_subnet(TEST_SUBNET))
+DEFAULT_RUNTIME = os.environ.get("CORRAL_RUNTIME", "crun")
+USERNS_HOME = Path(os.environ.get("CORRAL_TEST_USERNS_HOME", f"{TEST_HOME}-userns"))
+USERNS_BRIDGE = os.environ.get("CORRAL_TEST_USERNS_BRIDGE", TEST_BRIDGE[:14] + "u")
+USERNS_SUBNET = os.environ.get("CORRAL_TEST_USERNS_SUBNET", _shifted_subnet(TEST_SUBNET, 64))
+
+
+@pytest.fixture(scope="session")
+def runsc_server(corral_server: ServerProcess) -> Iterator[ServerProcess]:
+    """A second real server whose sandboxes run on gVisor. Skipped (visibly) without runsc."""
+    if DEFAULT_RUNTIME == "runsc":
+        yield corral_server
+        return
+    if shutil.which("runsc") is None:
+        pytest.skip("runsc (gVisor) is not installed: apt-get install runsc")
+    RUNSC_HOME.mkdir(parents=True, exist_ok=True)
+    ensure_test_template(RUNSC_HOME)
+    server = ServerProcess(
+        _free_port(),
+        home=RUNSC_HOME,
+        bridge=RUNSC_BRIDGE,
+        subnet=RUNSC_SUBNET,
+        env={"CORRAL_RUNTIME": "runsc"},
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(Exception):
+            server.kill_all_sandboxes()
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def userns_server(corral_server: ServerProcess) -> Iterator[ServerProcess]:
+    """A third real server with CORRAL_USERNS=1 (sandbox uids in a user namespace), on crun."""
+    if DEFAULT_RUNTIME != "crun":
+        pytest.skip("user namespaces are implemented for crun")
+    USERNS_HOME.mkdir(parents=True, exist_ok=True)
+    ensure_test_template(USERNS_HOME)
+    server = ServerProcess(
+        _free_port(), home=USERNS_HOME, bridge=USERNS_BRIDGE, subnet=USERNS_SUBNET,
+        env={"CORRAL_USERNS": "1", "CORRAL_RUNTIME": "crun"},
+    )  # fmt: skip
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(Exception):
+            server.kill_all_sandboxes()
+        server.stop()
+
+
+@pytest.fixture(params=["default", "runsc"])
+def runtime_server(request: pytest.FixtureRequest, corral_server: ServerProcess) -> ServerProcess:
+    """The test server (crun unless CORRAL_RUNTIME says otherwise), then the runsc one."""
+    if request.param == "default":
+        return corral_server
+    if DEFAULT_RUNTIME == "runsc":
+        pytest.skip("the default server already runs runsc")
+    return request.getfixturevalue("runsc_server")
+
+
+def sdk_opts(server: ServerProcess) -> dict[str, str]:
+    """Connection options of the official SDK for one server (no environment needed)."""
+    return {"api_url": server.url, "sandbox_url": server.url, "api_key": TEST_API_KEY}
+
+
+SandboxFactory = Callable[..., Sandbox]
+
+
+@pytest.fixture
+def make_sandbox(corral_server: ServerProcess) -> Iterator[SandboxFactory]:
+    """`make_sandbox(server=None, **create_kwargs)`: a sandbox killed after the test."""
+    made: list[Sandbox] = []
+
+    def make(server: ServerProcess | None = None, **kwargs: object) -> Sandbox:
+        kwargs.setdefault("timeout", 300)
+        sbx = Sandbox.create(**sdk_opts(server or corral_server), **kwargs)
+        made.append(sbx)
+        return sbx
+
+    yield make
+    for sbx in made:
+        with contextlib.suppress(Exception):
+            sbx.kill()
+
+
+@pytest.fixture(scope="module")
+def neighbour(corral_server: ServerProcess) -> Iterator[Sandbox]:
+    """A bystander sandbox whose exec latency must not suffer from another sandbox's attack."""
+    sbx = Sandbox.create(timeout=900, **sdk_opts(corral_server))
+    try:
+        yield sbx
+    finally:
+        with contextlib.suppress(Exception):
+            sbx.kill()
+
+
+def exec_latencies(sbx: Sandbox, samples: int) -> list[float]:
+    """Seconds each of `samples` `commands.run("true")` took, end to end through the server."""
+    out = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        sbx.commands.run("true", timeout=60)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# Latency bound under attack: 2x the quiet median, but never less than quiet + this floor (seconds),
+# so that a 20 ms exec on a busy CI machine is not failed for taking 60 ms.
+LATENCY_FLOOR_S = 0.15
+LATENCY_SAMPLES = 11
+
+
+def latency_bound(quiet: float) -> float:
+    return max(2 * quiet, quiet + LATENCY_FLOOR_S)
