@@ -9,96 +9,43 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-import httpx
 import pytest
+
+from corral.testing import DEFAULT_HOME, TEST_API_KEY, free_port, seed_home
+from corral.testing import ServerProcess as _ServerProcess
 
 TEST_HOME = Path(os.environ.get("CORRAL_TEST_HOME", "/var/lib/corral-test"))
 # Separate runs on one machine (a developer's and CI's) must differ in all three.
 TEST_BRIDGE = os.environ.get("CORRAL_TEST_BRIDGE", "crltest0")
 TEST_SUBNET = os.environ.get("CORRAL_TEST_SUBNET", "10.202.0.0/16")
-TEST_API_KEY = "e2b_" + "7e57" * 10
-DEFAULT_HOME = Path("/var/lib/corral")
+__all__ = ["DEFAULT_HOME", "TEST_API_KEY", "TEST_BRIDGE", "TEST_HOME", "TEST_SUBNET", "ServerProcess", "ensure_test_template"]
+_free_port = free_port
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ensure_test_template() -> None:
+def ensure_test_template(home: Path = TEST_HOME) -> None:
     """Give the test home the current `base`: hard-link it from the default home when that has it
     (`make test` builds it there first), else build it."""
-    from corral.builder.base import ensure_base_template, host_base_digest
-    from corral.core.settings import load_settings
-
-    digest = host_base_digest()
-    source = DEFAULT_HOME / "layers" / digest
-    dest = TEST_HOME / "layers" / digest
-    if not dest.exists() and source.is_dir():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["cp", "-al", str(source), str(dest)], check=True)
-        (TEST_HOME / "templates").mkdir(parents=True, exist_ok=True)
-        shutil.copy(DEFAULT_HOME / "templates" / "base.json", TEST_HOME / "templates" / "base.json")
-    ensure_base_template(load_settings({"home": TEST_HOME}), log=lambda line: None)
+    seed_home(home, DEFAULT_HOME)
 
 
-class ServerProcess:
-    """A `corral server` subprocess; `restart()` keeps its home, so sandboxes must be re-adopted."""
+class ServerProcess(_ServerProcess):
+    """`corral.testing.ServerProcess` on the test home, bridge and subnet unless told otherwise."""
 
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = TEST_HOME / "server.log"
-
-    def start(self) -> None:
-        argv = [
-            sys.executable, "-m", "corral.cli.main", "server",
-            "--home", str(TEST_HOME), "--port", str(self.port), "--bridge", TEST_BRIDGE,
-            "--subnet", TEST_SUBNET, "--api-key", TEST_API_KEY, "--log-level", "info",
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(argv, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"corral server exited with {self.proc.returncode}; see {self.log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError(f"corral server did not become ready; see {self.log}")
-
-    def stop(self, sig: int = signal.SIGINT) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def restart(self, sig: int = signal.SIGINT) -> None:
-        self.stop(sig)
-        self.start()
-
-    def api(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"X-API-Key": TEST_API_KEY}, timeout=30)
-
-    def kill_all_sandboxes(self) -> None:
-        with self.api() as client:
-            for sandbox in client.get("/v2/sandboxes", params={"limit": 100}).json():
-                client.delete(f"/sandboxes/{sandbox['sandboxID']}")
+    def __init__(
+        self,
+        port: int,
+        *,
+        home: Path = TEST_HOME,
+        bridge: str = TEST_BRIDGE,
+        subnet: str = TEST_SUBNET,
+        env: Mapping[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+        tls_ca: Path | None = None,
+    ) -> None:
+        super().__init__(port, home=home, bridge=bridge, subnet=subnet, env=env, extra_args=extra_args, tls_ca=tls_ca)
 
 
 @pytest.fixture(scope="session")

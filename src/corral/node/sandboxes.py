@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from corral.core.errors import CorralError, FailedPrecondition, NotFound, Unavailable
+from corral.core.errors import CorralError, FailedPrecondition, Internal, NotFound, Unavailable
 from corral.core.sandbox import SandboxSpec
 from corral.core.settings import Settings
 from corral.node.cgroups import (
@@ -65,6 +65,7 @@ from corral.node.envd.process import ProcessTable
 from corral.node.network import resolv_conf_text
 from corral.node.runtime.crun import OciRuntime, RuntimeSpawner
 from corral.node.runtime.oci import BOOT_ID_PATH, CPU_ONLINE_PATH, CPUINFO_PATH, build_sandbox_config
+from corral.node.runtime.idmap import IdMap, idmapped_layers, pick_base, read_idmap, release_layers, write_idmap
 from corral.node.runtime.runtimes import fill_cpuset_parents, unsafe_mount_targets
 from corral.node.storage.commit import commit_layer
 from corral.node.storage.disk import DiskPlan, create_disk, disk_plan, disk_usage, mount_disk
@@ -257,9 +258,11 @@ class Node:
             raise
 
     async def _create(self, spec: SandboxSpec, path: Path, pooled: bool) -> SandboxHandle:
-        for sub in ("rootfs", "etc"):
-            (path / sub).mkdir(parents=True, exist_ok=False)
-        layout = _Layout(path, disk_plan(path, spec.disk_size_mb) if spec.disk_size_mb > 0 else None)
+        # File system work runs in threads: under many creates at once the host file system's
+        # journal makes a mkdir or a small write wait for ms, which would stall every request.
+        await asyncio.to_thread(_make_dirs, path, ("rootfs", "etc"))
+        golden_dir = self.settings.home / "disk-images"  # fresh images are copied from here (storage.disk)
+        layout = _Layout(path, disk_plan(path, spec.disk_size_mb, golden_dir) if spec.disk_size_mb > 0 else None)
         # The disk (mkfs) and the network (ip, bridge, nft) are independent: made side by side.
         try:
             async with asyncio.TaskGroup() as group:
@@ -271,8 +274,8 @@ class Node:
         except BaseExceptionGroup as failed:  # callers expect the error itself (a CorralError)
             raise failed.exceptions[0] from None
         attachment = attaching.result()
-        for name, text in _etc_files(spec, self.settings).items():
-            (path / "etc" / name).write_text(text)
+        etc = _etc_files(spec, self.settings)
+        await asyncio.to_thread(_write_files, {path / "etc" / name: text for name, text in etc.items()})
         handle = SandboxHandle(
             spec=spec,
             path=path,
@@ -320,18 +323,23 @@ class Node:
         else:
             for sub in (layout.upper, layout.work):
                 sub.mkdir(exist_ok=True)
-        if not is_mountpoint(layout.rootfs):
-            layers = [self.templates.layer_path(digest) for digest in spec.layers]
+        layers = [self.templates.layer_path(digest) for digest in spec.layers]
+        id_map = self._id_map(path) if self.settings.userns else None
+        if id_map is not None:  # CORRAL_USERNS: sandbox root is not host root
+            await asyncio.to_thread(_mount_idmapped_overlay, layers, layout, path, id_map)
+            await _allow_low_ports(handle.netns_path)
+        else:
             mount = overlay_mount(layers, layout.upper, layout.work, layout.rootfs)
-            apply_mount(Mount(mount.fstype, mount.source, mount.target, mount.options + _OVERLAY_EXTRA_OPTIONS))
+            await asyncio.to_thread(
+                _mount_once, Mount(mount.fstype, mount.source, mount.target, mount.options + _OVERLAY_EXTRA_OPTIONS)
+            )
         cpus = pick_cpus(self._host_cpus, self._cpu_load(spec.sandbox_id), spec.cpu_count)
         virtual = {
             BOOT_ID_PATH: (path / "boot_id", f"{uuid.uuid4()}\n"),
             CPUINFO_PATH: (path / "cpuinfo", filter_cpuinfo(self._host_cpuinfo, cpus)),
             CPU_ONLINE_PATH: (path / "cpu_online", cpu_online_text(len(cpus))),
         }
-        for file, text in virtual.values():
-            file.write_text(text)
+        files = {file: text for file, text in virtual.values()}
         config = build_sandbox_config(
             sandbox_id=spec.sandbox_id,
             rootfs=str(layout.rootfs),
@@ -345,6 +353,7 @@ class Node:
             cgroups_path=f"/{self.cgroup_parent}/{spec.sandbox_id}",
             cpus=cpus,
             virtual_files={dest: str(file) for dest, (file, _) in virtual.items()},
+            id_map=id_map,
         )
         _refuse_unsafe_rootfs(spec.sandbox_id, layout.rootfs)
         if not self.runtime.traits.fills_cpuset_parents:  # runsc
@@ -354,11 +363,22 @@ class Node:
             config["mounts"].append(
                 {"destination": "/tmp", "type": "bind", "source": str(layout.rootfs / "tmp"), "options": ["rbind", "rw", "nosuid", "nodev"]}
             )
-        (path / "config.json").write_text(json.dumps(config))
+        files[path / "config.json"] = json.dumps(config)
+        await asyncio.to_thread(_write_files, files)
         init_pid = await self.runtime.run(spec.sandbox_id, path)
         self._attach_envd(handle, init_pid)
         handle.cpus = cpus
         handle.status = NodeStatus.RUNNING
+
+    def _id_map(self, sandbox_dir: Path) -> IdMap:
+        """The sandbox's own host id range: kept from its first boot, else the lowest free one.
+        No await between looking and writing, so concurrent creates cannot pick the same."""
+        id_map = read_idmap(sandbox_dir)
+        if id_map is None:
+            used = (read_idmap(self.settings.sandboxes_dir / other) for other in self._sandbox_dirs())
+            id_map = IdMap(pick_base(m.base for m in used if m is not None))
+            write_idmap(sandbox_dir, id_map)
+        return id_map
 
     def _attach_envd(self, handle: SandboxHandle, init_pid: int) -> None:
         # The sandbox's root as its init sees it (with its own mounts); held from now on so a
@@ -394,12 +414,19 @@ class Node:
 
     @staticmethod
     def _close_envd(handle: SandboxHandle) -> None:
-        if handle.envd is not None:
-            handle.envd.processes.close()
-            handle.envd.watchers.close()
-            handle.envd.root.close()
-        handle.envd = None
-        handle.root_fd = -1
+        root = Node._detach_envd(handle)
+        if root is not None:
+            root.close()
+
+    @staticmethod
+    def _detach_envd(handle: SandboxHandle) -> ConfinedRoot | None:
+        """Close the envd side of a sandbox but its root fd, which is returned for the caller to close."""
+        envd, handle.envd, handle.root_fd = handle.envd, None, -1
+        if envd is None:
+            return None
+        envd.processes.close()
+        envd.watchers.close()
+        return envd.root
 
     # -- pause and resume ------------------------------------------------------------------------
 
@@ -499,7 +526,7 @@ class Node:
                 log.exception("teardown of sandbox %s failed (reconcile will retry)", sandbox_id)
             finally:
                 if handle is not None:
-                    self._close_envd(handle)
+                    await self._close_envd_after_exit(handle)
                 self._retiring.pop(sandbox_id, None)
 
         task = asyncio.get_running_loop().create_task(teardown(), name=f"teardown-{sandbox_id}")
@@ -523,7 +550,15 @@ class Node:
             self.local_envd.close(sandbox_id)
         await self._cleanup(sandbox_id)
         if handle is not None:
-            self._close_envd(handle)
+            await self._close_envd_after_exit(handle)
+
+    async def _close_envd_after_exit(self, handle: SandboxHandle) -> None:
+        """`_close_envd` once the container is gone. Its root fd is then the last hold on the
+        container's mount namespace, and closing it tears that down, waiting for an RCU grace
+        period (~10 ms here): done in a thread, not on the event loop."""
+        root = self._detach_envd(handle)
+        if root is not None:
+            await asyncio.to_thread(root.close)
 
     async def _cleanup(self, sandbox_id: str) -> None:
         path = self.settings.sandboxes_dir / sandbox_id
@@ -605,6 +640,52 @@ class Node:
     def _sandbox_dirs(self) -> set[str]:
         root = self.settings.sandboxes_dir
         return {p.name for p in root.iterdir() if p.is_dir()} if root.exists() else set()
+
+
+def _make_dirs(path: Path, subs: tuple[str, ...]) -> None:
+    for sub in subs:
+        (path / sub).mkdir(parents=True, exist_ok=False)
+
+
+def _write_files(files: Mapping[Path, str]) -> None:
+    for file, text in files.items():
+        file.write_text(text)
+
+
+def _mount_idmapped_overlay(layers: list[Path], layout: _Layout, sandbox_dir: Path, id_map: IdMap) -> None:
+    """The overlay of idmapped template layers (see `corral.node.runtime.idmap`); the writable
+    layer holds host ids, so its root belongs to the sandbox's root."""
+    if is_mountpoint(layout.rootfs):
+        return
+    # The runtime reaches the rootfs from inside the user namespace, as the sandbox's root (an
+    # unprivileged host uid): the directories on the way must be searchable, not listable.
+    for directory in (sandbox_dir.parent, sandbox_dir):
+        os.chmod(directory, 0o711)
+    if os.stat(layout.upper).st_uid == 0:
+        os.chown(layout.upper, id_map.base, id_map.base)
+    mapped = idmapped_layers(layers, sandbox_dir / "lower", id_map)
+    try:
+        mount = overlay_mount(mapped, layout.upper, layout.work, layout.rootfs)
+        apply_mount(Mount(mount.fstype, mount.source, mount.target, mount.options + _OVERLAY_EXTRA_OPTIONS))
+    finally:
+        release_layers(mapped)  # the overlay keeps private clones of its layers
+
+
+async def _allow_low_ports(netns_path: str) -> None:
+    """The sandbox's netns belongs to the host's user namespace, so root in the sandbox's own user
+    namespace may not bind ports below 1024 there; let everyone in it do so (as Docker does)."""
+    proc = await asyncio.create_subprocess_exec(
+        "nsenter", f"--net={netns_path}", "sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=0",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise Internal(f"cannot allow low ports in {netns_path}: {err.decode(errors='replace').strip()}")
+
+
+def _mount_once(mount: Mount) -> None:
+    if not is_mountpoint(Path(mount.target)):
+        apply_mount(mount)
 
 
 def _refuse_unsafe_rootfs(sandbox_id: str, rootfs: Path) -> None:

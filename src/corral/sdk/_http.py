@@ -1,16 +1,28 @@
-"""httpx details both twins share: timeouts and the mapping of transport failures. No I/O."""
+"""httpx details both twins share: timeouts, the TLS context and the mapping of transport failures.
+No I/O, except that the shared TLS context reads the CA bundle once, when first needed."""
 
 from __future__ import annotations
+
+import functools
+import ssl
 
 import httpx
 
 from corral.sdk._errors import ConnectionException, SandboxException, TimeoutException
 
-__all__ = ["is_dropped_connection", "stream_timeout_for", "timeout_for", "transport_error"]
+__all__ = ["is_dropped_connection", "shared_ssl_context", "stream_timeout_for", "timeout_for", "transport_error"]
 
 # Reads on a stream may sit idle this long past its own deadline: envd ends streams at their
 # deadline itself and sends keepalives on idle ones, so a longer silence means a dead connection.
 _STREAM_GRACE_S = 30.0
+
+
+@functools.cache
+def shared_ssl_context() -> ssl.SSLContext:
+    """httpx's default TLS context (certifi's CAs, or SSL_CERT_FILE / SSL_CERT_DIR), made once per
+    process. Why: building one reads the whole CA bundle, about 30 ms here, and every SDK client
+    (one per `Sandbox.create`) would pay it again; an SSLContext is safe to share."""
+    return httpx.create_ssl_context()
 
 
 def timeout_for(seconds: float | None) -> httpx.Timeout:

@@ -15,17 +15,21 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
+from corral.builder.service import TemplateBuildService
 from corral.core.errors import NotFound
 from corral.core.settings import Settings
 from corral.node.envd.app import build_envd_app
 from corral.node.envd.context import EnvdSandbox
+from corral.node.envd.localhost import LocalEnvd
 from corral.node.network import SandboxNetwork
+from corral.node.pool import PoolConfig, WarmPool
 from corral.node.runtime.crun import OciRuntime
 from corral.node.sandboxes import Node
 from corral.node.storage.templates import TemplateStore
 from corral.server.api import build_api
 from corral.server.proxy import SandboxProxy, route_target, scope_headers
 from corral.server.service import SandboxService
+from corral.server.signed_routing import is_signed_files_request, serve_signed_files
 from corral.server.store import SandboxRow, Store
 
 __all__ = ["CorralApp", "create_app"]
@@ -44,9 +48,12 @@ class CorralApp:
         self.runtime = OciRuntime(settings.runtime, settings.runtime_root)
         self.network = SandboxNetwork(settings)
         self.node = Node(settings, self.runtime, self.network, self.templates)
-        self.service = SandboxService(settings, self.store, self.node, self.templates, SandboxRow)
-        self.api = build_api(self.service, self.store, settings)
+        self.pool = WarmPool(self.node, self.templates, PoolConfig.from_env())  # CORRAL_POOL_SIZE/_TEMPLATES
+        self.service = SandboxService(settings, self.store, self.node, self.templates, SandboxRow, pool=self.pool)
+        self.builder = TemplateBuildService(settings, self.node, self.templates)
+        self.api = build_api(self.service, self.store, settings, templates=self.builder)
         self.proxy = SandboxProxy(self.node, build_envd_app(self._envd_lookup))
+        self.node.local_envd = LocalEnvd(self.proxy)  # envd at localhost:49983 inside each sandbox
         self._tasks: list[asyncio.Task[Any]] = []
         self.api_key = ""
 
@@ -63,7 +70,9 @@ class CorralApp:
         adopted, lost = await self.service.reconcile()
         if adopted or lost:
             log.warning("re-adopted %d running sandbox(es); %d were gone", len(adopted), len(lost))
+        await self.builder.start()
         self._tasks.append(asyncio.create_task(self.service.run_expiry(), name="sandbox-expiry"))
+        self._tasks.append(asyncio.create_task(self.pool.run(), name="warm-pool"))
         if self.on_ready is not None:
             self.on_ready(self.api_key)
 
@@ -72,6 +81,9 @@ class CorralApp:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.builder.aclose()
+        await self.service.aclose()
+        await self.pool.drain()  # pooled sandboxes have no row: nothing would re-adopt them
         await self.proxy.aclose()
         await self.node.close()
         self.store.close()
@@ -80,9 +92,12 @@ class CorralApp:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
+        self.pool.note_activity()  # the warm pool refills in quiet moments
         target = route_target(scope_headers(scope), self.settings.domain)
         if target is not None:
             await self.proxy(scope, receive, send, target)
+        elif is_signed_files_request(scope):  # a header-less signed download/upload URL
+            await serve_signed_files(scope, receive, send, self.node, self.proxy)
         else:
             await self.api(scope, receive, send)
 

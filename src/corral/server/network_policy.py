@@ -154,7 +154,7 @@ class NetworkPolicies:
         self._store = store
         self._network = network
         self._sessions: sessionmaker[Any] | None = None
-        self._staged: dict[str, tuple[float, NetworkPlan]] = {}
+        self._staged: dict[str, tuple[float, NetworkPlan | None]] = {}  # None: the default, nothing to record
         if hasattr(network, "policy_source"):
             network.policy_source = self.policy_for
 
@@ -174,8 +174,7 @@ class NetworkPolicies:
         now = time.monotonic()
         for stale in [i for i, (at, _) in self._staged.items() if now - at > _STAGED_TTL_S]:
             del self._staged[stale]
-        if plan is not None:
-            self._staged[sandbox_id] = (now, plan)
+        self._staged[sandbox_id] = (now, plan)  # a new sandbox: its attach needs no database read
 
     # -- update ------------------------------------------------------------------------------
 
@@ -219,6 +218,8 @@ class NetworkPolicies:
         staged = self._staged.pop(sandbox_id, None)
         if staged is not None:
             plan = staged[1]
+            if plan is None:
+                return None
             self._write(sandbox_id, plan.config, plan.policy.ingress.traffic_access_token)
             return plan.policy
         config, token = self._read(sandbox_id)

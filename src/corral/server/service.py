@@ -196,10 +196,10 @@ class SandboxService:
             secure=req.secure,
             lifecycle=lifecycle,
         )
-        self.network_policies.stage(row.sandbox_id, network)  # recorded when the node attaches it
         how = f"created from template {template.template_id}"
         if pooled is not None:
-            return await self._start_pooled(row, network is not None, how)
+            return await self._start_pooled(row, network, how)
+        self.network_policies.stage(row.sandbox_id, network)  # recorded when the node attaches it
         return await self._start(row, req.timeout, how)
 
     @staticmethod
@@ -265,7 +265,7 @@ class SandboxService:
             self.store.mark_killed(sandbox_id, f"create failed: {exc}")
             raise
         started = _now()
-        self.store.update_sandbox(
+        running = self.store.update_sandbox(  # returns the row as written: no need to read it again
             sandbox_id,
             state=SandboxState.RUNNING,
             ip=handle.ip,
@@ -277,9 +277,9 @@ class SandboxService:
             self.sampler.sample([sandbox_id])  # the first sample is taken right at creation
         except Exception:
             log.exception("first metrics sample of sandbox %s failed", sandbox_id)
-        return self._get(sandbox_id, row.team_id)
+        return running if running is not None else self._get(sandbox_id, row.team_id)
 
-    async def _start_pooled(self, row: Any, own_network: bool, how: str) -> Any:
+    async def _start_pooled(self, row: Any, network: Any, how: str) -> Any:
         """Hand out a sandbox the warm pool booted (its id is the row's): the row is written
         `running` at once, then the request's network policy (only when it is not the default
         the sandbox booted with), env vars and access token take effect, and it is served."""
@@ -288,8 +288,9 @@ class SandboxService:
         row = dataclasses.replace(row, state=SandboxState.RUNNING, ip=handle.ip)
         self.store.insert_sandbox(row)
         try:
-            if own_network:
-                policy = self.network_policies.policy_for(sandbox_id)  # records the staged plan
+            if network is not None:  # not the default the pooled sandbox booted with
+                self.network_policies.stage(sandbox_id, network)
+                policy = self.network_policies.policy_for(sandbox_id)  # records the plan
                 if policy is not None:
                     await self.node.network.set_policy(sandbox_id, policy)
             self.node.serve(spec_from_row(row, tuple(row.layers or ())))
@@ -302,7 +303,7 @@ class SandboxService:
             self.sampler.sample([sandbox_id])  # the first sample is taken right at creation
         except Exception:
             log.exception("first metrics sample of sandbox %s failed", sandbox_id)
-        return self._get(sandbox_id, row.team_id)
+        return row  # as written: no need to read it back
 
     # -- read ------------------------------------------------------------------------------------
 
@@ -326,25 +327,30 @@ class SandboxService:
 
     async def _kill(self, sandbox_id: str, reason: str) -> None:
         async with self._lock(sandbox_id):
-            await self._kill_locked(sandbox_id, reason)
+            torn_down = await self._kill_locked(sandbox_id, reason)
         self._locks.pop(sandbox_id, None)
-        await self.collect_layers()
+        if torn_down:
+            await self.collect_layers()
 
-    async def _kill_locked(self, sandbox_id: str, reason: str) -> None:
+    async def _kill_locked(self, sandbox_id: str, reason: str) -> bool:
+        """Kill; True when the sandbox's resources are already gone (else a follow-up finishes)."""
         # The record flips first, so the API never shows a sandbox the proxy no longer serves;
         # if we crash before the resources are gone, reconcile removes them as strays.
         # The node stops serving it now and removes its processes and resources in the
-        # background (`Node.retire`), so a kill answers in a few ms instead of ~50; layers only
-        # that sandbox used are collected once its mounts are gone.
+        # background (`Node.retire`), so a kill answers in a few ms instead of ~50; its logs
+        # and metrics are purged, and layers only it used collected, once its mounts are gone.
         self.store.mark_killed(sandbox_id, reason)
         self.sampler.forget(sandbox_id)
         gone = self.node.retire(sandbox_id)
-        self.store.purge_sandbox_data(sandbox_id)
-        if not gone.done():
-            self._follow_up(self._collect_after(gone))
+        if gone.done():
+            self.store.purge_sandbox_data(sandbox_id)
+            return True
+        self._follow_up(self._after_teardown(sandbox_id, gone))
+        return False
 
-    async def _collect_after(self, gone: asyncio.Future[None]) -> None:
+    async def _after_teardown(self, sandbox_id: str, gone: asyncio.Future[None]) -> None:
         await asyncio.wait([gone])
+        self.store.purge_sandbox_data(sandbox_id)
         await self.collect_layers()
 
     def _follow_up(self, work: Any) -> None:
@@ -523,7 +529,7 @@ class SandboxService:
                         memory_mb=row.memory_mb,
                         disk_size_mb=row.disk_size_mb,
                         default_user=parent.default_user if parent else "user",
-                        default_workdir=parent.default_workdir if parent else "/home/user",
+                        default_workdir=parent.default_workdir if parent else None,
                     )
                 )
                 now = _now()

@@ -1,9 +1,8 @@
-"""Running `ip` and `nft`: one bounded subprocess per call, killed if the caller gives up."""
+"""Running `ip` and `nft`: one bounded subprocess per call (posix_spawn), killed if the caller gives up."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import shutil
@@ -11,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from corral.core.errors import FailedPrecondition, Internal
+from corral.node import spawn
 
 __all__ = ["Completed", "parse_json", "run", "tool"]
 
@@ -36,23 +36,12 @@ def tool(name: str) -> str:
 
 
 async def run(argv: Sequence[str], *, stdin: str | None = None, timeout: float = 10.0) -> Completed:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
-    except BaseException:  # timeout or cancellation: never leave the child behind
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(proc.wait(), 5)
-        raise
-    assert proc.returncode is not None
-    return Completed(tuple(argv), proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+    # posix_spawn (corral.node.spawn), not asyncio's fork: a fork of the server blocks its event
+    # loop for several ms per call, and create/kill make several of these calls.
+    async with asyncio.timeout(timeout):  # on timeout or cancellation spawn.run kills the child
+        done = await spawn.run(argv, stdin=stdin.encode() if stdin is not None else None)
+    out, err = done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
+    return Completed(tuple(argv), done.returncode, out, err)
 
 
 def parse_json(text: str) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from corral.sdk._api import ENVD_PORT, ApiRequest, SandboxHandle, api_headers, basic_user_header
+from corral.sdk._async._transport import open_transport
 from corral.sdk._config import ConnectionConfig
 from corral.sdk._connect import (
     EnvelopeReader,
@@ -25,18 +26,28 @@ from corral.sdk._connect import (
     unary_call,
 )
 from corral.sdk._errors import SandboxException, TimeoutException
-from corral.sdk._http import is_dropped_connection, stream_timeout_for, timeout_for, transport_error
+from corral.sdk._http import (
+    is_dropped_connection,
+    shared_ssl_context,
+    stream_timeout_for,
+    timeout_for,
+    transport_error,
+)
 
 __all__ = ["AsyncApiClient", "AsyncEnvdClient", "AsyncRpcStream", "open_http"]
 
 Overrides = Mapping[str, type[SandboxException]]
 
+_MAX_TRAILING = 64 * 1024  # bytes read after an end-of-stream message, at most, to reuse the connection
 _GONE = "the sandbox was killed or reached its end of life while the request was in flight"
 
 
 def open_http(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     """A new HTTP client; the caller owns it (and closes it with `aclose`)."""
-    return httpx.AsyncClient(transport=transport, follow_redirects=False, timeout=None)
+    if transport is not None:  # a given transport brings its own TLS
+        return httpx.AsyncClient(transport=transport, follow_redirects=False, timeout=None)
+    tls = shared_ssl_context()
+    return httpx.AsyncClient(transport=open_transport(tls), follow_redirects=False, timeout=None, verify=tls)
 
 
 class AsyncApiClient:
@@ -118,8 +129,22 @@ class AsyncRpcStream:
             await self.aclose()
             raise
         if message is None:
-            await self.aclose()
+            await self._finish()
         return message
+
+    async def _finish(self) -> None:
+        """After the end-of-stream message only the body's end is left: read it, so that the
+        connection goes back to the pool instead of being closed (a new TCP connection per
+        command otherwise). Anything more than a little trailing data is not waited for."""
+        extra = 0
+        try:
+            async for chunk in self._chunks:
+                extra += len(chunk)
+                if extra > _MAX_TRAILING:
+                    break
+        except httpx.HTTPError:
+            pass  # the stream itself was complete
+        await self.aclose()
 
     async def aclose(self) -> None:
         """Stop receiving and release the connection."""
@@ -241,7 +266,7 @@ class AsyncEnvdClient:
         *,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
-        content: bytes | None = None,
+        content: Any = None,
         files: Any = None,
         request_timeout: float | None = None,
         context: str = "",
@@ -266,6 +291,7 @@ class AsyncEnvdClient:
         path: str,
         *,
         params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
         request_timeout: float | None = None,
         context: str = "",
     ) -> httpx.Response:
@@ -274,7 +300,7 @@ class AsyncEnvdClient:
             method,
             self.url + path,
             params=params,
-            headers=self.headers(),
+            headers=self.headers(None, headers),
             timeout=timeout_for(self.config.timeout(request_timeout)),
         )
         try:

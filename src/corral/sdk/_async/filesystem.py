@@ -13,7 +13,14 @@ from typing import Any, Literal, Self, overload
 import httpx
 
 from corral.sdk._async._client import AsyncEnvdClient, AsyncRpcStream
-from corral.sdk._envd import FILESYSTEM_OVERRIDES, KEEPALIVE_HEADERS, watch_message
+from corral.sdk._envd import (
+    DOWNLOAD_HEADERS,
+    FILESYSTEM_OVERRIDES,
+    KEEPALIVE_HEADERS,
+    UPLOAD_CHUNK,
+    supports_octet_stream,
+    watch_message,
+)
 from corral.sdk._errors import (
     AlreadyExistsException,
     FileNotFoundException,
@@ -50,6 +57,35 @@ def _data_bytes(data: Any) -> bytes:
     raise InvalidArgumentException(
         f"file data must be str, bytes or a file-like object, not {type(data).__name__}"
     )
+
+
+async def _pieces(data: bytes) -> AsyncIterator[bytes]:
+    """An upload body in UPLOAD_CHUNK pieces (see corral.sdk._envd.UPLOAD_CHUNK)."""
+    for start in range(0, len(data), UPLOAD_CHUNK):
+        yield data[start : start + UPLOAD_CHUNK]
+
+
+async def _read_body(response: httpx.Response) -> bytearray:
+    """The whole body, straight into one buffer sized by Content-Length when there is one:
+    `.content` and a copy of it would be two more passes over a large file."""
+    length = response.headers.get("content-length", "")
+    if not length.isdigit() or response.headers.get("content-encoding", "identity") != "identity":
+        content = bytearray()
+        async for chunk in response.aiter_bytes():
+            content += chunk
+        return content
+    content = bytearray(int(length))
+    view = memoryview(content)
+    filled = 0
+    async for chunk in response.aiter_raw():
+        end = filled + len(chunk)
+        if end > len(content):  # more than announced: h11 would refuse this first
+            raise httpx.RemoteProtocolError("the body is longer than its Content-Length")
+        view[filled:end] = chunk
+        filled = end
+    if filled != len(content):
+        raise httpx.RemoteProtocolError("the body ended before its Content-Length")
+    return content
 
 
 def _metadata_headers(metadata: Mapping[str, str] | None) -> dict[str, str]:
@@ -204,26 +240,26 @@ class AsyncFilesystem:
             raise InvalidArgumentException(f"format must be 'text', 'bytes' or 'stream', got {format!r}")
         params = {"path": path, **({"username": user} if user else {})}
         context = f"read {path}"
-        if format == "stream":
-            response = await self._envd.open(
-                "GET", "/files", params=params, request_timeout=request_timeout, context=context
-            )
-            if response.status_code >= 300:
-                body = await response.aread()
-                await response.aclose()
-                error = _files_error(response, body, context)
-                if error is not None:
-                    raise error
-            return AsyncFileStreamReader(response)
-        response = await self._envd.request(
-            "GET", "/files", params=params, request_timeout=request_timeout, context=context
+        response = await self._envd.open(
+            "GET", "/files", params=params, headers=DOWNLOAD_HEADERS, request_timeout=request_timeout, context=context
         )
-        error = _files_error(response, response.content, context)
-        if error is not None:
-            raise error
+        if response.status_code >= 300:
+            body = await response.aread()
+            await response.aclose()
+            error = _files_error(response, body, context)
+            if error is not None:
+                raise error
+        if format == "stream":
+            return AsyncFileStreamReader(response)
+        try:
+            content = await _read_body(response)
+        except httpx.HTTPError as exc:
+            raise await self._envd.transport_failure(exc, context) from None
+        finally:
+            await response.aclose()
         if format == "bytes":
-            return bytearray(response.content)
-        return response.content.decode("utf-8", "replace")
+            return content
+        return content.decode("utf-8", "replace")
 
     async def write(
         self,
@@ -258,20 +294,35 @@ class AsyncFilesystem:
         params: dict[str, str] = {"username": user} if user else {}
         if len(files) == 1:
             params["path"] = files[0]["path"]
-        parts = [
-            ("file", (entry["path"], _data_bytes(entry["data"]), "application/octet-stream"))
-            for entry in files
-        ]
         context = f"write {files[0]['path']}" if len(files) == 1 else f"write {len(files)} files"
-        response = await self._envd.request(
-            "POST",
-            "/files",
-            params=params,
-            headers=_metadata_headers(metadata),
-            files=parts,
-            request_timeout=request_timeout,
-            context=context,
-        )
+        headers = _metadata_headers(metadata)
+        if len(files) == 1 and supports_octet_stream(self._envd.handle.envd_version):
+            # One file: its bytes as the body, streamed in pieces (no multipart framing to build).
+            data = _data_bytes(files[0]["data"])
+            headers.update({"content-type": "application/octet-stream", "content-length": str(len(data))})
+            response = await self._envd.request(
+                "POST",
+                "/files",
+                params=params,
+                headers=headers,
+                content=_pieces(data),
+                request_timeout=request_timeout,
+                context=context,
+            )
+        else:
+            parts = [
+                ("file", (entry["path"], _data_bytes(entry["data"]), "application/octet-stream"))
+                for entry in files
+            ]
+            response = await self._envd.request(
+                "POST",
+                "/files",
+                params=params,
+                headers=headers,
+                files=parts,
+                request_timeout=request_timeout,
+                context=context,
+            )
         error = _files_error(response, response.content, context)
         if error is not None:
             raise error

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from corral.sdk._api import ENVD_PORT, ApiRequest, SandboxHandle, api_headers, basic_user_header
+from corral.sdk._sync._transport import open_transport
 from corral.sdk._config import ConnectionConfig
 from corral.sdk._connect import (
     EnvelopeReader,
@@ -26,18 +27,28 @@ from corral.sdk._connect import (
     unary_call,
 )
 from corral.sdk._errors import SandboxException, TimeoutException
-from corral.sdk._http import is_dropped_connection, stream_timeout_for, timeout_for, transport_error
+from corral.sdk._http import (
+    is_dropped_connection,
+    shared_ssl_context,
+    stream_timeout_for,
+    timeout_for,
+    transport_error,
+)
 
 __all__ = ["ApiClient", "EnvdClient", "RpcStream", "open_http"]
 
 Overrides = Mapping[str, type[SandboxException]]
 
+_MAX_TRAILING = 64 * 1024  # bytes read after an end-of-stream message, at most, to reuse the connection
 _GONE = "the sandbox was killed or reached its end of life while the request was in flight"
 
 
 def open_http(transport: httpx.BaseTransport | None = None) -> httpx.Client:
     """A new HTTP client; the caller owns it (and closes it with `close`)."""
-    return httpx.Client(transport=transport, follow_redirects=False, timeout=None)
+    if transport is not None:  # a given transport brings its own TLS
+        return httpx.Client(transport=transport, follow_redirects=False, timeout=None)
+    tls = shared_ssl_context()
+    return httpx.Client(transport=open_transport(tls), follow_redirects=False, timeout=None, verify=tls)
 
 
 class ApiClient:
@@ -119,8 +130,22 @@ class RpcStream:
             self.close()
             raise
         if message is None:
-            self.close()
+            self._finish()
         return message
+
+    def _finish(self) -> None:
+        """After the end-of-stream message only the body's end is left: read it, so that the
+        connection goes back to the pool instead of being closed (a new TCP connection per
+        command otherwise). Anything more than a little trailing data is not waited for."""
+        extra = 0
+        try:
+            for chunk in self._chunks:
+                extra += len(chunk)
+                if extra > _MAX_TRAILING:
+                    break
+        except httpx.HTTPError:
+            pass  # the stream itself was complete
+        self.close()
 
     def close(self) -> None:
         """Stop receiving and release the connection."""
@@ -242,7 +267,7 @@ class EnvdClient:
         *,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
-        content: bytes | None = None,
+        content: Any = None,
         files: Any = None,
         request_timeout: float | None = None,
         context: str = "",
@@ -267,6 +292,7 @@ class EnvdClient:
         path: str,
         *,
         params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
         request_timeout: float | None = None,
         context: str = "",
     ) -> httpx.Response:
@@ -275,7 +301,7 @@ class EnvdClient:
             method,
             self.url + path,
             params=params,
-            headers=self.headers(),
+            headers=self.headers(None, headers),
             timeout=timeout_for(self.config.timeout(request_timeout)),
         )
         try:

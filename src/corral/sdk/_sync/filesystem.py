@@ -14,7 +14,14 @@ from typing import Any, Literal, Self, overload
 import httpx
 
 from corral.sdk._sync._client import EnvdClient, RpcStream
-from corral.sdk._envd import FILESYSTEM_OVERRIDES, KEEPALIVE_HEADERS, watch_message
+from corral.sdk._envd import (
+    DOWNLOAD_HEADERS,
+    FILESYSTEM_OVERRIDES,
+    KEEPALIVE_HEADERS,
+    UPLOAD_CHUNK,
+    supports_octet_stream,
+    watch_message,
+)
 from corral.sdk._errors import (
     AlreadyExistsException,
     FileNotFoundException,
@@ -51,6 +58,35 @@ def _data_bytes(data: Any) -> bytes:
     raise InvalidArgumentException(
         f"file data must be str, bytes or a file-like object, not {type(data).__name__}"
     )
+
+
+def _pieces(data: bytes) -> Iterator[bytes]:
+    """An upload body in UPLOAD_CHUNK pieces (see corral.sdk._envd.UPLOAD_CHUNK)."""
+    for start in range(0, len(data), UPLOAD_CHUNK):
+        yield data[start : start + UPLOAD_CHUNK]
+
+
+def _read_body(response: httpx.Response) -> bytearray:
+    """The whole body, straight into one buffer sized by Content-Length when there is one:
+    `.content` and a copy of it would be two more passes over a large file."""
+    length = response.headers.get("content-length", "")
+    if not length.isdigit() or response.headers.get("content-encoding", "identity") != "identity":
+        content = bytearray()
+        for chunk in response.iter_bytes():
+            content += chunk
+        return content
+    content = bytearray(int(length))
+    view = memoryview(content)
+    filled = 0
+    for chunk in response.iter_raw():
+        end = filled + len(chunk)
+        if end > len(content):  # more than announced: h11 would refuse this first
+            raise httpx.RemoteProtocolError("the body is longer than its Content-Length")
+        view[filled:end] = chunk
+        filled = end
+    if filled != len(content):
+        raise httpx.RemoteProtocolError("the body ended before its Content-Length")
+    return content
 
 
 def _metadata_headers(metadata: Mapping[str, str] | None) -> dict[str, str]:
@@ -205,26 +241,26 @@ class Filesystem:
             raise InvalidArgumentException(f"format must be 'text', 'bytes' or 'stream', got {format!r}")
         params = {"path": path, **({"username": user} if user else {})}
         context = f"read {path}"
-        if format == "stream":
-            response = self._envd.open(
-                "GET", "/files", params=params, request_timeout=request_timeout, context=context
-            )
-            if response.status_code >= 300:
-                body = response.read()
-                response.close()
-                error = _files_error(response, body, context)
-                if error is not None:
-                    raise error
-            return FileStreamReader(response)
-        response = self._envd.request(
-            "GET", "/files", params=params, request_timeout=request_timeout, context=context
+        response = self._envd.open(
+            "GET", "/files", params=params, headers=DOWNLOAD_HEADERS, request_timeout=request_timeout, context=context
         )
-        error = _files_error(response, response.content, context)
-        if error is not None:
-            raise error
+        if response.status_code >= 300:
+            body = response.read()
+            response.close()
+            error = _files_error(response, body, context)
+            if error is not None:
+                raise error
+        if format == "stream":
+            return FileStreamReader(response)
+        try:
+            content = _read_body(response)
+        except httpx.HTTPError as exc:
+            raise self._envd.transport_failure(exc, context) from None
+        finally:
+            response.close()
         if format == "bytes":
-            return bytearray(response.content)
-        return response.content.decode("utf-8", "replace")
+            return content
+        return content.decode("utf-8", "replace")
 
     def write(
         self,
@@ -259,20 +295,35 @@ class Filesystem:
         params: dict[str, str] = {"username": user} if user else {}
         if len(files) == 1:
             params["path"] = files[0]["path"]
-        parts = [
-            ("file", (entry["path"], _data_bytes(entry["data"]), "application/octet-stream"))
-            for entry in files
-        ]
         context = f"write {files[0]['path']}" if len(files) == 1 else f"write {len(files)} files"
-        response = self._envd.request(
-            "POST",
-            "/files",
-            params=params,
-            headers=_metadata_headers(metadata),
-            files=parts,
-            request_timeout=request_timeout,
-            context=context,
-        )
+        headers = _metadata_headers(metadata)
+        if len(files) == 1 and supports_octet_stream(self._envd.handle.envd_version):
+            # One file: its bytes as the body, streamed in pieces (no multipart framing to build).
+            data = _data_bytes(files[0]["data"])
+            headers.update({"content-type": "application/octet-stream", "content-length": str(len(data))})
+            response = self._envd.request(
+                "POST",
+                "/files",
+                params=params,
+                headers=headers,
+                content=_pieces(data),
+                request_timeout=request_timeout,
+                context=context,
+            )
+        else:
+            parts = [
+                ("file", (entry["path"], _data_bytes(entry["data"]), "application/octet-stream"))
+                for entry in files
+            ]
+            response = self._envd.request(
+                "POST",
+                "/files",
+                params=params,
+                headers=headers,
+                files=parts,
+                request_timeout=request_timeout,
+                context=context,
+            )
         error = _files_error(response, response.content, context)
         if error is not None:
             raise error

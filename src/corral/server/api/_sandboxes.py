@@ -116,7 +116,8 @@ class SandboxRoutes:
         team_id = await self._auth.team_id(request)
         command = await read_model(request, CreateSandboxRequest)
         row = await self._service.create(team_id, command)
-        token = self._service.network_policies.traffic_access_token(row.sandbox_id)
+        # Only a `network` config can issue a traffic token: skip the read without one.
+        token = self._service.network_policies.traffic_access_token(row.sandbox_id) if command.network else None
         return JSONResponse(sandbox_json(row, self._domain, traffic_access_token=token), status_code=201)
 
     async def list(self, request: Request) -> Response:

@@ -1,0 +1,1 @@
+"""Corral's benchmarks against podman (`make bench`; not part of `make test`). See README.md."""
