@@ -44,6 +44,7 @@ RULES: list[tuple[str, str]] = [
     (r"\baiter_(\w+)", r"iter_\1"),
     (r"\bainvoke\b", "invoke"),
     (r"\basleep\b", "sleep"),
+    (r"\bAnyIOBackend\b", "SyncBackend"),  # httpcore's default network backends
     # AsyncSandbox -> Sandbox, httpx.AsyncClient -> httpx.Client, AsyncIterator -> Iterator, ...
     (r"\bAsync([A-Z]\w*)", r"\1"),
 ]
