@@ -187,6 +187,9 @@ def test_workdir_user_and_start_command_become_template_defaults(e2b_env, create
     created.append(sandbox)
     assert sandbox.files.read("/tmp/where") == "/srv\nuser\n"
     assert sandbox.files.read("/srv/index.html") == "served\n"
+    # The start command runs in the new sandbox, and create returned once it was ready.
+    assert sandbox.commands.run("curl -fsS http://localhost:8000/index.html").stdout == "served\n"
+    assert any(p.tag == "start" for p in sandbox.commands.list())
 
 
 def test_a_start_command_that_fails_fails_the_build(e2b_env) -> None:

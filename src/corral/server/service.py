@@ -36,6 +36,7 @@ import shutil
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from corral.builder.startcmd import start_template_processes
 from corral.core.errors import (
     Aborted,
     AlreadyExists,
@@ -264,6 +265,12 @@ class SandboxService:
         except BaseException as exc:
             self.store.mark_killed(sandbox_id, f"create failed: {exc}")
             raise
+        try:
+            await self._start_template_processes(handle, row)
+        except BaseException as exc:
+            self.store.mark_killed(sandbox_id, f"create failed: {exc}")
+            self.node.retire(sandbox_id)
+            raise
         started = _now()
         running = self.store.update_sandbox(  # returns the row as written: no need to read it again
             sandbox_id,
@@ -294,6 +301,7 @@ class SandboxService:
                 if policy is not None:
                     await self.node.network.set_policy(sandbox_id, policy)
             self.node.serve(spec_from_row(row, tuple(row.layers or ())))
+            await self._start_template_processes(self.node.lookup(sandbox_id), row)
         except BaseException as exc:
             self.store.mark_killed(sandbox_id, f"create failed: {exc}")
             self.node.retire(sandbox_id)
@@ -304,6 +312,14 @@ class SandboxService:
         except Exception:
             log.exception("first metrics sample of sandbox %s failed", sandbox_id)
         return row  # as written: no need to read it back
+
+    async def _start_template_processes(self, handle: Any, row: Any) -> None:
+        """Start the template's start command and wait for its ready command (TemplateNotReady)."""
+        try:
+            manifest = self.templates.get(row.template_id)
+        except NotFound:  # a template deleted since: nothing to start
+            return
+        await start_template_processes(handle, manifest)
 
     # -- read ------------------------------------------------------------------------------------
 
