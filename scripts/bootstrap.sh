@@ -35,7 +35,8 @@ fi
 # --- apt packages: install only the missing ones -------------------------------------------------
 packages=(
     crun             # the default OCI runtime
-    catatonit        # pid 1 inside sandboxes: reaps zombies, forwards signals
+    catatonit        # pid 1 inside sandboxes on runsc: reaps zombies
+    gcc libc6-dev    # builds the sandboxes' own pid 1, the exec agent (native/corral-init.c)
     mmdebstrap       # builds the base template's Debian tree
     debian-archive-keyring  # so mmdebstrap can verify Debian's archive (also on Ubuntu hosts)
     nftables         # NAT and egress policy for the sandbox bridge
@@ -85,6 +86,20 @@ if [[ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]]; then
     say "installing Corral and its dependencies into .venv (pip install -e '.[dev]')"
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
     echo "$want" >"$stamp"
+fi
+
+# --- the sandboxes' pid 1 (exec agent) ------------------------------------------------------------
+# Static, so it runs inside any template; rebuilt only when its source or flags changed. A new
+# binary replaces the old by rename: running sandboxes keep the one they bind-mounted.
+init_binary="${CORRAL_INIT_BINARY:-/usr/local/libexec/corral/corral-init}"
+init_build=(gcc -static -O2 -Wall -Wextra -s -o "$init_binary.new" native/corral-init.c)
+want="$( (cat native/corral-init.c; echo "${init_build[*]}") | sha256sum | cut -d' ' -f1)"
+if [[ ! -x "$init_binary" || "$(cat "$init_binary.sha256" 2>/dev/null || true)" != "$want" ]]; then
+    say "building the sandbox init (exec agent) $init_binary"
+    mkdir -p "$(dirname "$init_binary")"
+    "${init_build[@]}"
+    mv -f "$init_binary.new" "$init_binary"
+    echo "$want" >"$init_binary.sha256"
 fi
 
 # --- host settings and the base template -----------------------------------------------------------

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from e2b import CommandExitException, PtySize, SandboxException
 
+from corral.core.settings import load_settings
 from corral.node.runtime.oci import SANDBOX_CAPABILITIES
 from tests.conftest import ServerProcess
 from tests.security._probes import host_text, run, run_python, runtime_binary, sha256_file
@@ -172,7 +173,8 @@ def test_runtime_binary_stays_intact_cve_2019_5736(
     next exec runs the runtime itself inside the sandbox) while a loop tries to open every
     /proc/*/exe for writing; the host's runtime binary and init keep their hashes."""
     runtime = "runsc" if runtime_server.env.get("CORRAL_RUNTIME") == "runsc" else DEFAULT_RUNTIME
-    binaries = [runtime_binary(runtime)] + [p for p in (Path("/usr/bin/catatonit"),) if p.exists()]
+    inits = (Path("/usr/bin/catatonit"), load_settings().init_binary)  # the exec agent is PID 1 on crun
+    binaries = [runtime_binary(runtime)] + [p for p in inits if p.exists()]
     before = {str(p): sha256_file(p) for p in binaries}
     sbx = make_sandbox(runtime_server)
     sbx.files.write(
@@ -284,7 +286,9 @@ def test_capabilities_of_root_and_user(crun_only: None, make_sandbox: SandboxFac
     assert root["Seccomp"].strip() == "2" and user["Seccomp"].strip() == "2"
     assert user["NoNewPrivs"].strip() == "0"
     init = _status(run(sbx, "cat /proc/1/status").stdout)
-    assert init["NoNewPrivs"].strip() == "1" and init["Seccomp"].strip() == "2"
+    # catatonit runs with no_new_privs; the exec agent cannot (its children would inherit it).
+    agent = run(sbx, "tr '\\0' ' ' < /proc/1/cmdline").stdout == "/.corral/init "
+    assert init["NoNewPrivs"].strip() == ("0" if agent else "1") and init["Seccomp"].strip() == "2"
 
 
 _SYSCALL_PROBE = r"""

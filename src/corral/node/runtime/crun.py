@@ -24,6 +24,7 @@ import socket
 import struct
 import subprocess
 import termios
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -60,18 +61,22 @@ class OciRuntime:
             raise Internal(f"{self.binary} {args[0]} failed: {done.stderr.decode(errors='replace').strip()}")
         return done.returncode, done.stdout, done.stderr
 
-    async def run(self, container_id: str, bundle: Path) -> int:
-        """Create and start a detached container; returns the host pid of its init."""
+    async def run(self, container_id: str, bundle: Path, pass_fd: int | None = None) -> int:
+        """Create and start a detached container; returns the host pid of its init. `pass_fd`
+        reaches the init as its fd 3 (`--preserve-fds 1`: the exec agent's listening socket)."""
         pid_file = bundle / "init.pid"
         log_file = bundle / "runtime.log"
         # The container's init inherits the runtime's stdio: never give it our pipes (they would
         # stay open for the sandbox's whole life), so its output goes to a log file.
-        argv = self._argv("run", "--detach", "--bundle", str(bundle), "--pid-file", str(pid_file), container_id)
+        preserve = ("--preserve-fds", "1") if pass_fd is not None else ()
+        argv = self._argv("run", "--detach", *preserve, "--bundle", str(bundle), "--pid-file", str(pid_file), container_id)
         actions = [
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
             (os.POSIX_SPAWN_OPEN, 1, str(log_file), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
             (os.POSIX_SPAWN_DUP2, 1, 2),
         ]
+        if pass_fd is not None:
+            actions.append((os.POSIX_SPAWN_DUP2, pass_fd, 3))
         pid = os.posix_spawn(_which(argv[0]), argv, os.environ, file_actions=actions)  # noqa: ASYNC221 - vfork
         pidfd = os.pidfd_open(pid)
         try:
@@ -91,6 +96,8 @@ class OciRuntime:
         await self._run("kill", "--all", container_id, str(signum), check=False)
 
     async def delete(self, container_id: str) -> None:
+        if self.traits.pauses_itself:  # runsc panics deleting a paused container (see runtimes.py)
+            await self._run("resume", container_id, check=False)
         await self._run("delete", "--force", container_id, check=False)
 
     async def pause(self, container_id: str) -> None:
@@ -471,13 +478,30 @@ class RuntimeSpawner:
 
 
     def _signal_by_sandbox_pid(self, pid: int, signum: int) -> None:
-        """`<runtime> kill --pid`: for runtimes whose processes are not host processes (runsc)."""
-        argv = self.runtime._argv("kill", "--pid", str(pid), self.container_id, str(signum))
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=10, check=False)
+        """For runtimes whose processes are not host processes (runsc): `<runtime> kill --pid`
+        signals the command; then its process group gets the signal too, as on crun (a timed-out
+        `bash -c` must not leave its children running). `<runtime> kill` reaches single processes
+        only, so the group is signalled by `kill` run inside the sandbox as root (`<runtime> exec`
+        makes each command lead its own group). That runs the sandbox's own /bin/sh, which may be
+        anything: it runs in a thread, bounded, never on the event loop. `pid`, `signum`: ints."""
+        direct = self.runtime._argv("kill", "--pid", str(int(pid)), self.container_id, str(int(signum)))
+        _run_quietly(direct)
+        # dash's kill takes no `--`: `kill -9 -N` is the group N
+        group_kill = f"kill -{int(signum)} -{int(pid)}"
+        inside = self.runtime._argv("exec", "--user", "0:0", self.container_id, "/bin/sh", "-c", group_kill)
+        threading.Thread(target=_run_quietly, args=(inside,), name="signal-group", daemon=True).start()
 
 
 _START_TIMEOUT_S = 30.0
+
+
+def _run_quietly(argv: list[str]) -> None:
+    """Run a runtime command, waiting at most 10 s, its output discarded (it may come from the
+    sandbox: never buffered); its outcome does not matter to the caller."""
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10, check=False
+        )
 _SPEC_FD = 4  # where the runtime finds the exec process spec (after the pid pipe on fd 3)
 
 

@@ -7,8 +7,10 @@ Isolation defaults (why each is there):
   kill, bind low ports …) but never SYS_ADMIN, SYS_MODULE, SYS_PTRACE, NET_RAW, NET_ADMIN, SYS_TIME, MKNOD;
 - masked and read-only /proc and /sys paths as runc does;
 - a seccomp allowlist at least as strict as Docker's default (`corral.node.runtime.seccomp`);
-- no_new_privs for the init only: processes envd starts keep setuid working, because `sudo` must
-  work in a sandbox as it does in E2B's (see docs/security.md for what stops a runtime escape);
+- no_new_privs off for processes envd starts, so setuid keeps working, because `sudo` must work
+  in a sandbox as it does in E2B's (see docs/security.md for what stops a runtime escape); on for
+  catatonit, which never execs, and off for Corral's exec agent (`exec_agent`), whose children
+  are those processes (no_new_privs is inherited and can never be cleared);
 - rlimits kept within the host's hard limits (no CAP_SYS_RESOURCE here);
 - cpu/memory/pids limits in the sandbox's own cgroup; with `cpus`, a cpuset pins the sandbox to
   those host CPUs (so `nproc` inside counts them) and the CFS quota never exceeds them;
@@ -38,7 +40,9 @@ __all__ = [
     "build_exec_process",
 ]
 
-INIT_PATH = "/.corral/init"  # catatonit bind-mounted read-only from the host, run as `init -P`
+# The init bind-mounted read-only from the host: Corral's exec agent (native/corral-init.c), or
+# catatonit run as `init -P` for runtimes that cannot pass it our socket (runsc).
+INIT_PATH = "/.corral/init"
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 CPUINFO_PATH = "/proc/cpuinfo"
 CPU_ONLINE_PATH = "/sys/devices/system/cpu/online"
@@ -108,6 +112,7 @@ def build_sandbox_config(
     cpus: Sequence[int] | None = None,
     virtual_files: Mapping[str, str] | None = None,
     id_map: IdMap | None = None,
+    exec_agent: bool = False,
 ) -> dict[str, Any]:
     """The config.json of a sandbox container whose PID 1 is a reaper that never exits.
 
@@ -116,6 +121,8 @@ def build_sandbox_config(
     them to the host with symlinks. `virtual_files` maps paths in `BOOT_ID_PATH`, `CPUINFO_PATH` and
     `CPU_ONLINE_PATH` to host files bound over them; `cpus` (host CPU numbers) becomes the cpuset.
     `id_map` runs the sandbox in a user namespace with that mapping (see `corral.node.runtime.idmap`).
+    `exec_agent`: `init_binary` is Corral's exec agent, which starts the sandbox's processes
+    (`corral.node.runtime.agent`); otherwise catatonit, and processes come from `<runtime> exec`.
     """
     virtual_files = dict(virtual_files or {})
     unknown = set(virtual_files) - _VIRTUAL_FILE_PATHS
@@ -166,12 +173,14 @@ def build_sandbox_config(
         "process": {
             "terminal": False,
             "user": {"uid": 0, "gid": 0},
-            "args": [INIT_PATH, "-P"],
+            "args": [INIT_PATH] if exec_agent else [INIT_PATH, "-P"],
             "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
             "cwd": "/",
             "capabilities": _capabilities(),
             "rlimits": _rlimits(nofile_hard),
-            "noNewPrivileges": True,  # the reaper never execs anything
+            # The exec agent's children must be able to gain privileges (sudo) as `crun exec`'s
+            # can; catatonit never execs anything.
+            "noNewPrivileges": not exec_agent,
             "oomScoreAdj": 0,
         },
         "root": {"path": rootfs, "readonly": False},
