@@ -38,6 +38,7 @@ __all__ = [
 T = TypeVar("T")
 FILE_SIZE = 100 * 2**20
 SETTLE_TIMEOUT_S = 15.0
+EXEC_BREATH_S = 0.02  # pause before each timed exec sample, ours and the peer's
 
 
 def _ms(started: float) -> float:
@@ -111,10 +112,15 @@ def exec_latency(bench: Bench) -> tuple[list[float], list[float]]:
             sandbox.commands.run("true")
         bench.settle(live=1)
         for _ in range(runs):
+            # A breath before each timed step of either side: the processes a `podman exec`
+            # leaves behind finish their work then, instead of inside our next sample (and ours
+            # inside the peer's).
+            time.sleep(EXEC_BREATH_S)
             started = time.perf_counter()
             sandbox.commands.run("true")
             ours.append(_ms(started))
             if bench.peer is not None and name is not None:
+                time.sleep(EXEC_BREATH_S)
                 peer.append(bench.peer.exec_true(name))
     return ours, peer
 

@@ -109,3 +109,17 @@ def test_oversized_or_special_files_are_refused(tmp_path: Path) -> None:
 def test_missing_files_mean_no_users(tmp_path: Path) -> None:
     with ConfinedRoot.open_path(str(tmp_path)) as r, pytest.raises(Unauthenticated):
         lookup_user(r, "user")
+
+
+def test_cache_follows_changes_behind_symlinks(tmp_path: Path) -> None:
+    """The stamps are taken from /etc's entries; a symlinked file or /etc is followed (confined)."""
+    (tmp_path / "real-etc").mkdir()
+    (tmp_path / "data").write_text("user:x:1:1::/home/user:/bin/sh\n")
+    os.symlink("/real-etc", tmp_path / "etc")
+    os.symlink("/data", tmp_path / "real-etc" / "passwd")
+    with ConfinedRoot.open_path(str(tmp_path)) as r:
+        assert lookup_user(r, "user").uid == 1
+        (tmp_path / "data").write_text("user:x:22:22::/home/user:/bin/sh\n")  # in place, new size
+        assert lookup_user(r, "user").uid == 22
+        (tmp_path / "real-etc" / "group").write_text("extra:x:5:user\n")
+        assert lookup_user(r, "user").groups == (22, 5)

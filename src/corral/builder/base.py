@@ -105,6 +105,14 @@ if ls /usr/local/share/ca-certificates/corral-host/*.crt >/dev/null 2>&1; then
         echo 'export REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt'
     } > /etc/profile.d/corral-ca.sh
 fi
+# Login shells start no programs: every command runs as `bash -l -c` (E2B's semantics), and a fork
+# and exec costs 1-2 ms each. /etc/profile asks `id -u` for what bash already has in $EUID (sh,
+# which has no EUID, still asks `id`); root's ~/.profile runs `mesg n` only when stdin is a
+# terminal, the only case where it does anything. Same PATH, prompts and profile.d for both users.
+grep -q '"$(id -u)"' /etc/profile
+sed -i 's/"$(id -u)"/"${EUID:-$(id -u)}"/' /etc/profile
+grep -qx 'mesg n 2> /dev/null || true' /root/.profile
+sed -i 's#^mesg n 2> /dev/null || true$#if [ -t 0 ]; then mesg n 2> /dev/null || true; fi#' /root/.profile
 rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin
 rm -rf /var/lib/apt/lists/*
 # mmdebstrap leaves the build host's resolver and name here; the runtime mounts the sandbox's own.
@@ -372,7 +380,7 @@ def ensure_recipe_layer(
     if store.layer_path(digest).is_dir():
         return digest
     layers_dir = settings.layers_dir
-    layers_dir.mkdir(parents=True, exist_ok=True)
+    layers_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _locked(layers_dir / _LOCK_NAME):
         for leftover in layers_dir.glob(f"{_TMP_PREFIX}*"):
             log(f"removing {leftover.name}, left by an interrupted build")
@@ -395,7 +403,7 @@ def ensure_base_template(settings: Settings, log: Callable[[str], object] = prin
         return existing
 
     layers_dir = settings.layers_dir
-    layers_dir.mkdir(parents=True, exist_ok=True)
+    layers_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _locked(layers_dir / _LOCK_NAME):
         for leftover in layers_dir.glob(f"{_TMP_PREFIX}*"):
             log(f"removing {leftover.name}, left by an interrupted base template build")

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from corral.core.ids import is_sandbox_id
 from corral.core.sandbox import ENVD_PORT
 from corral.node.envd.context import SCOPE_KEY
-from corral.node.envd.process import SandboxGone
+from corral.node.envd.process import END_OF_STREAM_FOLLOWS, SandboxGone
 from corral.server.public_ports import PublicPorts, check_traffic_token
 
 __all__ = ["route_target", "SandboxProxy", "INTERNAL_ENVD_PATHS"]
@@ -117,16 +117,30 @@ class SandboxProxy:
         envd_scope[SCOPE_KEY] = handle.envd
         processes = handle.envd.processes
         started = False
+        held: Any = None  # a stream's last message, sent with the end of stream that follows it
 
         async def guarded_send(message: Any) -> None:
-            nonlocal started
+            nonlocal started, held
             if processes.closed:
                 raise SandboxGone(handle.sandbox_id)
             started = started or message["type"] == "http.response.start"
+            if held is not None:
+                await send(held)  # the server writes both in one turn: one send
+                held = None
+            if (
+                message["type"] == "http.response.body"
+                and message.get("more_body")
+                and END_OF_STREAM_FOLLOWS.get()
+            ):
+                END_OF_STREAM_FOLLOWS.set(False)
+                held = message
+                return
             await send(message)
 
         try:
             await self.envd_app(envd_scope, receive, guarded_send)
+            if held is not None:  # no end of stream came after all
+                await send(held)
         except SandboxGone:
             if not started:
                 await send_json(send, 502, {"sandboxId": handle.sandbox_id, "message": "The sandbox was not found", "code": 502})

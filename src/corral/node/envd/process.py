@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import contextlib
+import contextvars
 import logging
 import signal
 import stat
@@ -39,6 +39,7 @@ from corral.spec._generated.process import process_pb as pb
 
 __all__ = [
     "DEFAULT_KEEPALIVE_S",
+    "END_OF_STREAM_FOLLOWS",
     "RETAIN_ENDED_S",
     "ManagedProcess",
     "OutputChannel",
@@ -57,6 +58,13 @@ DEFAULT_KEEPALIVE_S = 90.0
 CHANNEL_CHUNKS = 16  # per subscriber: at most 16 reads (≤ 64 KiB each) waiting to be sent
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _SIGNALS = {pb.Signal.SIGKILL: signal.SIGKILL, pb.Signal.SIGTERM: signal.SIGTERM}
+
+# Set while a stream yields its last message (a process's end): the Connect end-of-stream follows
+# at once, so the proxy may hold that message and send both together (one write, one wake-up of
+# the client instead of two). Per request: each ASGI request runs in its own context.
+END_OF_STREAM_FOLLOWS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "corral_envd_end_of_stream_follows", default=False
+)
 
 
 class SandboxGone(Exception):
@@ -220,8 +228,9 @@ class ProcessTable:
 
     def __init__(self) -> None:
         self._by_pid: dict[int, ManagedProcess] = {}
+        self._ended: collections.deque[ManagedProcess] = collections.deque()  # in the order they ended
         self._pumps: set[asyncio.Task[None]] = set()
-        self._timers: set[asyncio.Task[None]] = set()
+        self._timers: set[asyncio.TimerHandle] = set()  # lifetime limits (a timer, not a task each)
         self.closed = False
 
     def _own(self, tasks: set[asyncio.Task[None]], coro: Any) -> None:
@@ -232,23 +241,34 @@ class ProcessTable:
     def add(self, mp: ManagedProcess, lifetime_s: float | None) -> None:
         self._prune()
         self._by_pid[mp.pid] = mp
-        self._own(self._pumps, mp.pump())
+        timer = None
         if lifetime_s is not None:
-            self._own(self._timers, self._limit_lifetime(mp, lifetime_s))
+            timer = asyncio.get_running_loop().call_later(lifetime_s, self._lifetime_reached, mp)
+            self._timers.add(timer)
+        self._own(self._pumps, self._pump(mp, timer))
 
-    async def _limit_lifetime(self, mp: ManagedProcess, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await mp.done.wait()
-            return
-        mp.lifetime_expired = True
-        mp.send_signal(signal.SIGKILL)
+    def _lifetime_reached(self, mp: ManagedProcess) -> None:
+        if not mp.done.is_set():
+            mp.lifetime_expired = True
+            mp.send_signal(signal.SIGKILL)
+
+    async def _pump(self, mp: ManagedProcess, timer: asyncio.TimerHandle | None) -> None:
+        try:
+            await mp.pump()
+        finally:
+            if timer is not None:
+                timer.cancel()
+                self._timers.discard(timer)
+            self._ended.append(mp)
 
     def _prune(self) -> None:
-        now = time.monotonic()
-        for pid, mp in list(self._by_pid.items()):
-            if mp.ended_at is not None and now - mp.ended_at > RETAIN_ENDED_S:
-                del self._by_pid[pid]
+        """Forget processes that ended more than RETAIN_ENDED_S ago (oldest first: no full scan,
+        which at hundreds of commands a minute cost more than the rest of a Start)."""
+        horizon = time.monotonic() - RETAIN_ENDED_S
+        while self._ended and (self._ended[0].ended_at or 0.0) < horizon:
+            mp = self._ended.popleft()
+            if self._by_pid.get(mp.pid) is mp:  # not a newer process that reused the pid
+                del self._by_pid[mp.pid]
 
     def select(self, selector: pb.ProcessSelector | None, *, include_ended: bool = False) -> ManagedProcess:
         """The process a selector names: running ones, or also recently ended ones (for Connect)."""
@@ -281,9 +301,11 @@ class ProcessTable:
         self.closed = True
         for mp in self._by_pid.values():
             mp.gone()
-        for task in list(self._timers):
-            task.cancel()
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
         self._by_pid.clear()
+        self._ended.clear()
 
 
 def connect_error(exc: CorralError) -> ConnectError:
@@ -403,6 +425,7 @@ class ProcessService(process_connect.Process):
                 elif isinstance(item, _End):
                     if owns_lifetime and mp.lifetime_expired:
                         raise ConnectError(Code.DEADLINE_EXCEEDED, "the process's time limit was reached")
+                    END_OF_STREAM_FOLLOWS.set(True)
                     yield response(event=_end_event(item.status))
                     return
                 else:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import threading
 import weakref
 from collections.abc import Mapping
 
-from corral.core.errors import FailedPrecondition, NotFound, Unauthenticated
+from corral.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
 from corral.node.envd.confined import ConfinedRoot
 from corral.node.runtime.base import UserIds
 
@@ -49,8 +50,13 @@ class UserDb:
 
     users: Mapping[str, UserIds]
     groups: tuple[GroupEntry, ...]
+    # Users with their groups, as looked up (every command looks its user up; the db is immutable)
+    _resolved: dict[str, UserIds] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def user(self, name: str) -> UserIds | None:
+        resolved = self._resolved.get(name)
+        if resolved is not None:
+            return resolved
         found = self.users.get(name)
         if found is None:
             return None
@@ -58,7 +64,8 @@ class UserDb:
         for group in self.groups:
             if name in group.members and group.gid not in gids:
                 gids.append(group.gid)
-        return dataclasses.replace(found, groups=tuple(gids))
+        resolved = self._resolved[name] = dataclasses.replace(found, groups=tuple(gids))
+        return resolved
 
     def uid_names(self) -> dict[int, str]:
         names: dict[int, str] = {}
@@ -119,12 +126,46 @@ def parse_group(text: str) -> tuple[GroupEntry, ...]:
     return tuple(groups)
 
 
-def _stamp(root: ConfinedRoot, path: str) -> tuple[int, int, int, int] | None:
+Stamp = tuple[int, int, int, int] | None
+
+
+def _stamp_of(st: os.stat_result) -> Stamp:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _stamp(root: ConfinedRoot, path: str) -> Stamp:
     try:
-        st = root.stat(path)
+        return _stamp_of(root.stat(path))
     except NotFound:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _stamps(root: ConfinedRoot) -> tuple[Stamp, Stamp]:
+    """Stamps of /etc/passwd and /etc/group, checked on every lookup: one confined open of /etc
+    and an lstat of each name in it (no path walk: a single name under the fd); a name that is a
+    symlink is followed the confined way."""
+    try:
+        etc = root.open_handle("/etc")
+    except NotFound:
+        return None, None
+    except InvalidArgument:  # /etc is not a directory (or not reachable as one)
+        return _stamp(root, PASSWD_PATH), _stamp(root, GROUP_PATH)
+    try:
+        stamps: list[Stamp] = []
+        for path in (PASSWD_PATH, GROUP_PATH):
+            try:
+                st = os.stat(os.path.basename(path), dir_fd=etc, follow_symlinks=False)
+            except FileNotFoundError:
+                stamps.append(None)
+                continue
+            except OSError:
+                st = None
+            stamps.append(
+                _stamp_of(st) if st is not None and not stat.S_ISLNK(st.st_mode) else _stamp(root, path)
+            )
+        return stamps[0], stamps[1]
+    finally:
+        os.close(etc)
 
 
 def _read_text(root: ConfinedRoot, path: str) -> str:
@@ -154,7 +195,7 @@ _cache_lock = threading.Lock()
 
 def load_user_db(root: ConfinedRoot) -> UserDb:
     """The sandbox's parsed passwd + group files (cached until either file changes)."""
-    stamp = (_stamp(root, PASSWD_PATH), _stamp(root, GROUP_PATH))
+    stamp = _stamps(root)
     with _cache_lock:
         cached = _cache.get(root)
     if cached is not None and cached[0] == stamp:
