@@ -29,9 +29,17 @@ import httpx
 import pytest
 
 from corral.builder.logs import BuildLog
-from corral.builder.registry import ImageRef, RegistryConfig, RegistryPuller, host_platform, unpack_layer
+from corral.builder.registry import (
+    ImageRef,
+    RegistryConfig,
+    RegistryPuller,
+    host_platform,
+    oci_layer_digest,
+    unpack_layer,
+)
 from corral.core.errors import FailedPrecondition, NotFound
 from corral.node.envd.confined import ConfinedRoot
+from tests import gvisor
 from tests.conftest import TEST_HOME, ensure_test_template
 
 pytestmark = pytest.mark.integration
@@ -490,6 +498,7 @@ def test_hostile_layers_are_refused(tmp_path: Path, members) -> None:
 # --- a template from a registry image, through the official SDK ------------------------------------------
 
 
+@gvisor.STATX
 def test_template_from_a_registry_image(registry: Registry, e2b_env) -> None:
     from e2b import Sandbox, Template
 
@@ -515,3 +524,22 @@ def test_template_from_a_registry_image(registry: Registry, e2b_env) -> None:
         assert out == "c\nremoved\n"
     finally:
         sandbox.kill()
+
+
+def test_pulled_layers_of_a_deleted_template_go(registry: Registry, gc_server) -> None:
+    """On a server that keeps no spare build cache, an image's layers live exactly as long as a
+    template needs them."""
+    from e2b import Template
+
+    from tests.integration.test_template_gc import _delete, _eventually, _layers, _opts
+
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    manifest = httpx.get(f"http://{registry.host}/v2/test/mini/manifests/1", headers=accept).json()
+    image_layers = {oci_layer_digest(layer["digest"]) for layer in manifest["layers"]}
+    before = _layers(gc_server)
+    assert not image_layers & before
+    name = f"corral-registry-gc-{uuid.uuid4().hex[:8]}"
+    Template.build(Template().from_image(f"{registry.host}/test/multi:1").run_cmd("true"), name, **_opts(gc_server))
+    assert image_layers <= _layers(gc_server) - before
+    _delete(gc_server, name)
+    _eventually(lambda: _layers(gc_server) == before, "the pulled layers are collected")

@@ -25,7 +25,7 @@ from e2b.api.client.models import Template as SdkTemplate
 from corral.builder.cache import MemoryBuildCache
 from corral.builder.executor import BuildJob, BuildOutcome, StepFailed
 from corral.builder.logs import MAX_LINE, BuildLog
-from corral.builder.service import TemplateBuildService, parse_name, validate_tags
+from corral.builder.service import INTERRUPTED_MESSAGE, TemplateBuildService, parse_name, validate_tags
 from corral.builder.steps import BuildContext, FromTemplate
 from corral.builder.uploads import UploadStore
 from corral.core.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
@@ -372,15 +372,95 @@ async def test_start_errors(client: httpx.AsyncClient) -> None:
     ).status_code == 401
 
 
-async def test_cancelled_builds_end_as_errors(service: TemplateBuildService, executor: FakeExecutor) -> None:
+async def test_builds_running_at_server_stop_end_as_errors(
+    service: TemplateBuildService, executor: FakeExecutor
+) -> None:
     executor.release = asyncio.Event()
     created = await service.request_build("team-a", "cancelled", [], 1, 512)
     await service.start_build("team-a", created["templateID"], created["buildID"], {"fromTemplate": "base"})
     await asyncio.sleep(0.01)
     await service.aclose()
     status = await service.build_status("team-a", created["templateID"], created["buildID"], 0)
-    assert status["status"] == "error" and status["reason"]["message"] == "build was cancelled"
+    assert status["status"] == "error" and status["reason"]["message"] == INTERRUPTED_MESSAGE
     assert isinstance(executor.jobs[0].plan.base, FromTemplate)
+
+
+def _second_service(settings, executor: FakeExecutor) -> TemplateBuildService:
+    """Another service on the same home: what a restarted server reads back."""
+    return TemplateBuildService(
+        settings,
+        None,
+        TemplateStore(settings),
+        cache=MemoryBuildCache(),
+        uploads=UploadStore(settings.home / "files"),
+        executor=executor,
+    )
+
+
+async def test_build_status_and_logs_outlive_the_service(
+    service: TemplateBuildService, executor: FakeExecutor, settings
+) -> None:
+    done = await service.request_build("team-a", "kept", ["v1"], 1, 512)
+    await service.start_build("team-a", done["templateID"], done["buildID"], {"fromTemplate": "base"})
+    for _ in range(200):
+        if (await service.build_status("team-a", done["templateID"], done["buildID"], 0))["status"] == "ready":
+            break
+        await asyncio.sleep(0.01)
+    executor.failure = StepFailed("failed to run command 'false': exit status 1", "1")
+    failed = await service.request_build("team-a", "kept", [], 1, 512)
+    waiting = await service.request_build("team-a", "kept", [], 1, 512)
+    await service.start_build("team-a", failed["templateID"], failed["buildID"], {"fromTemplate": "base"})
+    for _ in range(200):
+        if not executor.running and len(executor.jobs) == 2:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    before = {
+        b["buildID"]: await service.build_status("team-a", b["templateID"], b["buildID"], 0)
+        for b in (done, failed)
+    }
+    # A crash, not a clean stop: the waiting record is still on disk as `waiting`.
+    restarted = _second_service(settings, executor)
+    await restarted.start()
+    for build in (done, failed):
+        after = await restarted.build_status("team-a", build["templateID"], build["buildID"], 0)
+        assert after == before[build["buildID"]]
+    assert before[done["buildID"]]["status"] == "ready"
+    assert any("Build finished" in line for line in before[done["buildID"]]["logs"])
+    assert before[failed["buildID"]]["reason"]["step"] == "1"
+    interrupted = await restarted.build_status("team-a", waiting["templateID"], waiting["buildID"], 0)
+    assert interrupted["status"] == "error"
+    assert interrupted["reason"]["message"] == INTERRUPTED_MESSAGE
+    assert interrupted["logEntries"][-1]["message"] == f"Build failed: {INTERRUPTED_MESSAGE}"
+    with pytest.raises(NotFound):  # still per team
+        await restarted.build_status("team-b", done["templateID"], done["buildID"], 0)
+    # the next restart reads the finished record as it is, without a second failure line
+    third = _second_service(settings, executor)
+    await third.start()
+    again = await third.build_status("team-a", waiting["templateID"], waiting["buildID"], 0)
+    assert again["logEntries"] == interrupted["logEntries"]
+    await restarted.aclose()
+    await third.aclose()
+
+
+async def test_a_torn_log_line_and_a_foreign_record_are_skipped(service: TemplateBuildService, settings) -> None:
+    done = await service.request_build("team-a", "torn", [], 1, 512)
+    await service.start_build("team-a", done["templateID"], done["buildID"], {"fromTemplate": "base"})
+    for _ in range(200):
+        status = await service.build_status("team-a", done["templateID"], done["buildID"], 0)
+        if status["status"] == "ready":
+            break
+        await asyncio.sleep(0.01)
+    builds = settings.home / "builds"
+    with (builds / f"{done['buildID']}.log").open("a") as f:
+        f.write('{"timestamp": "2025-01-0')
+    (builds / "not-a-uuid.json").write_text("{}")
+    (builds / f"{uuid.uuid4()}.json").write_text("[1, 2")
+    restarted = _second_service(settings, FakeExecutor())
+    await restarted.start()
+    after = await restarted.build_status("team-a", done["templateID"], done["buildID"], 0)
+    assert after["logEntries"] == status["logEntries"]
+    await restarted.aclose()
 
 
 # --- names, tags, logs, uploads, manifests ----------------------------------------------------------------

@@ -15,8 +15,9 @@ after it). It sits behind the `BuildCache` protocol: `FileBuildCache` (one JSON 
 written atomically) is what the server uses, `MemoryBuildCache` serves unit tests.
 
 Lifecycle of an entry: `put` after a step ran (a forced step overwrites) → `get` on later builds (a
-hit only counts while every layer it names still exists; the executor checks) → `delete` when GC
-removes a layer it names.
+hit only counts while every layer it names still exists; the executor checks) and `touch` on a hit
+→ `delete` when layer collection drops it (`corral.builder.retention`: least recently used first,
+`usage()` tells when each entry was last used).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from corral.builder.retention import CacheUse
 from corral.builder.steps import BuildContext, Copy, Step
 
 __all__ = [
@@ -111,10 +114,19 @@ class BuildCache(Protocol):
 
     def items(self) -> Iterator[tuple[str, CacheEntry]]: ...
 
+    def touch(self, key: str) -> None:
+        """Record that a build used the entry now (retention drops least recently used first)."""
+        ...
+
+    def usage(self) -> list[CacheUse]:
+        """Every entry's key, layers and last use."""
+        ...
+
 
 class MemoryBuildCache:
     def __init__(self) -> None:
         self._entries: dict[str, CacheEntry] = {}
+        self._used_at: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def get(self, key: str) -> CacheEntry | None:
@@ -124,14 +136,25 @@ class MemoryBuildCache:
     def put(self, key: str, entry: CacheEntry) -> None:
         with self._lock:
             self._entries[key] = entry
+            self._used_at[key] = time.time()
 
     def delete(self, key: str) -> None:
         with self._lock:
             self._entries.pop(key, None)
+            self._used_at.pop(key, None)
 
     def items(self) -> Iterator[tuple[str, CacheEntry]]:
         with self._lock:
             return iter(list(self._entries.items()))
+
+    def touch(self, key: str) -> None:
+        with self._lock:
+            if key in self._entries:
+                self._used_at[key] = time.time()
+
+    def usage(self) -> list[CacheUse]:
+        with self._lock:
+            return [CacheUse(key, entry.layers, self._used_at[key]) for key, entry in self._entries.items()]
 
 
 class FileBuildCache:
@@ -157,7 +180,7 @@ class FileBuildCache:
 
     def put(self, key: str, entry: CacheEntry) -> None:
         target = self._path(key)
-        self._dir.mkdir(parents=True, exist_ok=True)
+        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=".tmp-", suffix=".json")
         try:
             with os.fdopen(fd, "w") as f:
@@ -178,3 +201,20 @@ class FileBuildCache:
                 entry = self.get(path.stem)
                 if entry is not None:
                     yield path.stem, entry
+
+    def touch(self, key: str) -> None:
+        """The file's mtime is the entry's last use."""
+        try:
+            os.utime(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def usage(self) -> list[CacheUse]:
+        uses = []
+        for key, entry in self.items():
+            try:
+                used_at = self._path(key).stat().st_mtime
+            except FileNotFoundError:
+                continue
+            uses.append(CacheUse(key, entry.layers, used_at))
+        return uses

@@ -12,6 +12,11 @@ The result goes into the cache under the key. New layers are content-addressed (
 names them by a digest of the tree) and published with one rename, so a layer exists complete or
 not at all; a failed step leaves no layer behind.
 
+Layer collection (`corral.builder.retention`): every layer the build looks at is held for the
+build (`LayerHolds`) *before* its existence is checked, and every layer it makes is recorded as
+owned (`own_layer(digest, "build" | "pull")`), so it is collected once no template, sandbox or
+kept cache entry refers to it.
+
 Step numbers in logs and errors are E2B's: "0" is the base (FROM and the default user), "1".."N"
 the steps, "finalize" the finishing phase. Messages match E2B's template-manager:
 `failed to run command 'whoami': command failed: unauthenticated: invalid username: 'root123'`.
@@ -33,6 +38,7 @@ from corral.builder import base as base_builder
 from corral.builder.cache import BuildCache, CacheEntry, finalize_key, stack_key, step_key
 from corral.builder.images import DistroBase, RegistryBase, TemplateBase, resolve_image
 from corral.builder.logs import BuildLog
+from corral.builder.retention import LayerHolds
 from corral.builder.sandbox import BuildSandbox, CommandFailed
 from corral.builder.startcmd import READY_TIMEOUT_S, TemplateNotReady, wait_until_ready
 from corral.builder.steps import (
@@ -212,6 +218,8 @@ class BuildExecutor:
         *,
         ensure_distro_layer: Callable[..., str] | None = None,
         pull_image: Callable[..., Any] | None = None,
+        holds: LayerHolds | None = None,
+        own_layer: Callable[[str, str], None] | None = None,
     ) -> None:
         self._node = node
         self._templates = templates
@@ -223,6 +231,17 @@ class BuildExecutor:
         self._ensure_distro_layer = ensure_distro_layer or base_builder.ensure_recipe_layer
         self._pull_image = pull_image
         self._key_locks: dict[str, asyncio.Lock] = {}
+        self._holds = holds if holds is not None else LayerHolds()
+        self._own_layer = own_layer
+
+    def _hold(self, job: BuildJob, digests: tuple[str, ...] | list[str]) -> None:
+        self._holds.hold(job.build_id, digests)
+
+    def _claim(self, job: BuildJob, digest: str, kind: str) -> None:
+        """A layer this build made (or is about to make): held, and owned so it can be collected."""
+        self._hold(job, [digest])
+        if self._own_layer is not None:
+            self._own_layer(digest, kind)
 
     # -- the whole build ---------------------------------------------------------------------------
 
@@ -270,13 +289,16 @@ class BuildExecutor:
                     resolved.recipe,
                     lambda line: job.log.add(line, "info", "0"),
                 )
+                self._hold(job, [digest])
                 return self._image_base(job, base, (digest,), BuildContext(user="root"))
             assert isinstance(resolved, RegistryBase)
             if self._pull_image is None:
                 raise Unimplemented(
                     f"pulling {base.image} from a registry is not supported by this server yet"
                 )
-            pulled = await self._pull_image(resolved.reference, base.registry, job.log)
+            pulled = await self._pull_image(
+                resolved.reference, base.registry, job.log, claim=lambda d: self._claim(job, d, "pull")
+            )
             return self._image_base(job, base, tuple(pulled.layers), pulled.context)
         except StepFailed:
             raise
@@ -294,6 +316,7 @@ class BuildExecutor:
             env=tuple(sorted((manifest.env_vars or {}).items())),
         )
         key = stack_key(manifest.layers, context)
+        self._hold(job, manifest.layers)
         self._require_layers(manifest.layers, "0")
         job.log.add(f"[base] {what} [{key[:12]}]", "info", "0")
         return _Base(key, tuple(manifest.layers), context, manifest.start_cmd, manifest.ready_cmd)
@@ -312,12 +335,14 @@ class BuildExecutor:
 
     # -- one step ----------------------------------------------------------------------------------
 
-    def _cached(self, key: str) -> CacheEntry | None:
+    def _cached(self, job: BuildJob, key: str) -> CacheEntry | None:
         entry = self._cache.get(key)
         if entry is None:
             return None
+        self._hold(job, entry.layers)  # before the check: from now on nothing collects them
         if not all(self._templates.layer_path(d).is_dir() for d in entry.layers):
             return None  # a layer was collected: build again
+        self._cache.touch(key)
         return entry
 
     async def _step(
@@ -332,14 +357,14 @@ class BuildExecutor:
         forced: bool,
     ) -> tuple[str, tuple[str, ...], BuildContext]:
         key = step_key(parent_key, step, scope=job.scope)
-        entry = None if forced else self._cached(key)
+        entry = None if forced else self._cached(job, key)
         if entry is not None:
             job.log.add(f"CACHED [{prefix}] {step.describe()} [{key[:12]}]", "info", number)
             return key, entry.layers, entry.context
         job.log.add(f"[{prefix}] {step.describe()} [{key[:12]}]", "info", number)
         lock = self._key_locks.setdefault(key, asyncio.Lock())
         async with lock:
-            entry = None if forced else self._cached(key)  # a concurrent build may have made it
+            entry = None if forced else self._cached(job, key)  # a concurrent build may have made it
             if entry is None:
                 started = time.monotonic()
                 layers, context = await self._execute(job, step, number, prefix, key, layers, context)
@@ -374,7 +399,10 @@ class BuildExecutor:
             if isinstance(step, Env):
                 return layers, context
             try:
-                digest = await sandbox.commit()
+                with self._holds.commit():  # until the digest is held, no layer is collected
+                    digest = await sandbox.commit()
+                    if digest:
+                        self._claim(job, digest, "build")
             except CorralError as exc:
                 raise StepFailed(f"saving the files of the step failed: {exc.message}", number) from None
             return (layers + (digest,) if digest else layers), context
@@ -573,7 +601,7 @@ class BuildExecutor:
         forced: bool,
     ) -> BuildContext:
         key = finalize_key(parent_key, start_cmd, ready_cmd)
-        entry = None if forced else self._cached(key)
+        entry = None if forced else self._cached(job, key)
         if entry is not None:
             job.log.add(f"CACHED [finalize] Finalizing template build [{key[:12]}]", "info", "finalize")
             return entry.context

@@ -1,7 +1,9 @@
 """A build's log: timestamped entries the status endpoint pages through (`logsOffset`).
 
 Entries are only appended, so an offset stays valid while the build runs; E2B's SDK advances its
-offset by the number of entries it got and stops once a finished build returns none.
+offset by the number of entries it got and stops once a finished build returns none. A `sink`
+sees every entry as it is kept (`corral.builder.records` appends it to the build's log file), and
+`BuildLog(entries)` is a log read back after a restart.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import threading
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, cast
 
 __all__ = ["MAX_ENTRIES", "PAGE_SIZE", "BuildLog", "LogEntry", "LogLevel"]
 
@@ -36,14 +39,28 @@ class LogEntry:
             body["step"] = self.step
         return body
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LogEntry:
+        level = str(data.get("level", "info"))
+        step = data.get("step")
+        return cls(
+            timestamp=datetime.datetime.fromisoformat(str(data["timestamp"])),
+            message=str(data["message"]),
+            level=cast(LogLevel, level if level in ("debug", "info", "warn", "error") else "info"),
+            step=None if step is None else str(step),
+        )
+
 
 class BuildLog:
     """Thread-safe append-only list of entries."""
 
-    def __init__(self) -> None:
-        self._entries: list[LogEntry] = []
+    def __init__(
+        self, entries: Iterable[LogEntry] = (), sink: Callable[[LogEntry], None] | None = None
+    ) -> None:
+        self._entries: list[LogEntry] = list(entries)
         self._lock = threading.Lock()
-        self._truncated = False
+        self._truncated = len(self._entries) > MAX_ENTRIES
+        self.sink = sink
 
     def add(self, message: str, level: LogLevel = "info", step: str | None = None) -> None:
         if len(message) > MAX_LINE:
@@ -51,12 +68,16 @@ class BuildLog:
         entry = LogEntry(datetime.datetime.now(datetime.UTC), message, level, step)
         with self._lock:
             if len(self._entries) < MAX_ENTRIES:
-                self._entries.append(entry)
+                kept: LogEntry | None = entry
             elif not self._truncated:
                 self._truncated = True
-                self._entries.append(
-                    LogEntry(entry.timestamp, f"(log cut after {MAX_ENTRIES} entries)", "warn", step)
-                )
+                kept = LogEntry(entry.timestamp, f"(log cut after {MAX_ENTRIES} entries)", "warn", step)
+            else:
+                kept = None
+            if kept is not None:
+                self._entries.append(kept)
+                if self.sink is not None:
+                    self.sink(kept)  # under the lock: the file keeps the entries' order
 
     def page(self, offset: int, limit: int = PAGE_SIZE) -> list[LogEntry]:
         with self._lock:

@@ -4,6 +4,10 @@
     image = await puller.pull("ghcr.io/acme/tool:1", credentials=None, log=build_log)
     image.layers   # our layer digests, lowest first; image.context: root + the image's Env
 
+`claim(name)` (optional) is called with each layer's name before the layer is looked for or made:
+the builder holds it for the build and records it as owned, so unused pulled layers are collected
+(`corral.builder.retention`).
+
 Steps: resolve the manifest (a multi-arch index picks `linux/<this arch>`), then each layer blob by
 digest. A layer is unpacked once into `layers_dir/<sha256("oci-layer:" + blob digest)>` and reused
 by every image that has it (the layer cache is keyed by the content digest the registry vouches
@@ -38,7 +42,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +289,13 @@ class RegistryPuller:
         self._platform = platform_ or host_platform()
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def pull(self, reference: str, credentials: Mapping[str, str] | None, log: Any) -> PulledImage:
+    async def pull(
+        self,
+        reference: str,
+        credentials: Mapping[str, str] | None,
+        log: Any,
+        claim: Callable[[str], None] | None = None,
+    ) -> PulledImage:
         ref = ImageRef.parse(reference)
         if credentials and credentials.get("type", "registry") != "registry":
             raise FailedPrecondition(
@@ -298,13 +308,13 @@ class RegistryPuller:
             for endpoint in self._config.endpoints(ref.registry):
                 session = _Session(client, endpoint, ref, credentials)
                 try:
-                    return await self._pull(session, log)
+                    return await self._pull(session, log, claim)
                 except (httpx.HTTPError, Unavailable) as exc:  # try the next mirror
                     errors.append(f"{endpoint}: {exc}")
                     log.add(f"cannot pull from {endpoint}: {exc}", "warn", "0")
         raise Unavailable(f"cannot pull {ref}: " + "; ".join(errors))
 
-    async def _pull(self, session: _Session, log: Any) -> PulledImage:
+    async def _pull(self, session: _Session, log: Any, claim: Callable[[str], None] | None) -> PulledImage:
         ref = session.ref
         arch, variant = self._platform
         manifest, digest = await self._manifest(session, ref.reference)
@@ -322,7 +332,7 @@ class RegistryPuller:
         log.add(f"Pulling {ref} (linux/{arch}) {digest}", "info", "0")
         layers = []
         for layer in manifest["layers"]:
-            layers.append(await self._layer(session, layer, log))
+            layers.append(await self._layer(session, layer, log, claim))
         env = tuple(_parse_env(config.get("config", {}).get("Env") or []))
         return PulledImage(str(ref), digest, tuple(layers), BuildContext(user="root", env=env))
 
@@ -363,7 +373,9 @@ class RegistryPuller:
             raise FailedPrecondition(f"blob {digest} does not match its digest")
         return response.content
 
-    async def _layer(self, session: _Session, layer: Mapping[str, Any], log: Any) -> str:
+    async def _layer(
+        self, session: _Session, layer: Mapping[str, Any], log: Any, claim: Callable[[str], None] | None
+    ) -> str:
         digest = str(layer.get("digest", ""))
         if not _DIGEST_RE.match(digest):
             raise FailedPrecondition(f"unsupported layer digest {digest!r}")
@@ -374,12 +386,14 @@ class RegistryPuller:
             )
         name = oci_layer_digest(digest)
         target = self._layers_dir / name
+        if claim is not None:
+            claim(name)  # held before it is looked for: a collection cannot take it from now on
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             if target.is_dir():
                 log.add(f"layer {digest[:19]} cached", "info", "0")
                 return name
-            self._layers_dir.mkdir(parents=True, exist_ok=True)
+            self._layers_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd, blob = tempfile.mkstemp(dir=self._layers_dir, prefix=".tmp-blob-")
             try:
                 size = 0

@@ -15,8 +15,16 @@ Lifecycle of a build (`BuildStatus`): waiting → building → ready | error. At
 with a log line saying so). A build publishes its template only when it succeeded: a failing first
 build leaves no template, a failing rebuild leaves the previous build and its tags in place.
 
-Builds live in memory (a restart forgets them; their layers and the cache stay). Templates, their
-builds' fields and their tags live in the manifests (`TemplateStore`).
+Build records (status, reason, log) are kept on disk (`corral.builder.records`, `<home>/builds`),
+the latest `MAX_RETAINED_BUILDS` finished ones: after a restart they are still queryable, and a
+build the server stopped in the middle of is reported `error` ("the server stopped while the build
+was running"). Templates, their builds' fields and their tags live in the manifests
+(`TemplateStore`).
+
+Disk: layers a build makes are owned (`own_layer`) and collected by the server's one layer
+collector (`collect_layers`, run after a build ends and after a template is deleted) once nothing
+refers to them; `layers_to_keep` is what the builder adds to the collector's references — layers
+in-flight builds hold and the layers of kept cache entries (`corral.builder.retention`).
 """
 
 from __future__ import annotations
@@ -27,16 +35,20 @@ import dataclasses
 import datetime
 import enum
 import logging
+import os
 import re
+import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from corral.builder.cache import BuildCache, FileBuildCache
 from corral.builder.executor import BuildExecutor, BuildJob, BuildOutcome, StepFailed
-from corral.builder.logs import BuildLog
+from corral.builder.logs import BuildLog, LogEntry
+from corral.builder.records import BuildLogFile, BuildRecordStore
 from corral.builder.registry import RegistryConfig, RegistryPuller
+from corral.builder.retention import CacheBudget, LayerHolds, plan_cache_retention
 from corral.builder.steps import BuildPlan, FromTemplate, plan_from_e2b
 from corral.builder.uploads import UploadStore
 from corral.core.errors import (
@@ -50,10 +62,12 @@ from corral.core.errors import (
 from corral.core.ids import new_sandbox_id
 from corral.core.sandbox import ENVD_VERSION
 from corral.core.settings import Settings
+from corral.node.runtime.runtimes import runtime_name
 from corral.node.storage.templates import DEFAULT_TAG, TemplateManifest, TemplateStore, now_rfc3339
 
 __all__ = [
     "INTERNAL_ERROR_MESSAGE",
+    "INTERRUPTED_MESSAGE",
     "BuildRecord",
     "BuildStatus",
     "TemplateBuildService",
@@ -65,6 +79,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 INTERNAL_ERROR_MESSAGE = "An internal error occurred. Please try again or contact support with the build ID."
+INTERRUPTED_MESSAGE = "the server stopped while the build was running; start the build again"
 MAX_CONCURRENT_BUILDS = 2
 MAX_RETAINED_BUILDS = 200  # finished builds whose status stays queryable
 UPLOAD_RETENTION_S = 7 * 24 * 3600.0
@@ -141,6 +156,7 @@ class BuildRecord:
     plan: BuildPlan | None = None
     created_at: str = dataclasses.field(default_factory=now_rfc3339)
     finished_at: str | None = None
+    runtime: str | None = None  # the OCI runtime the template's sandboxes run on (None: the server's)
 
     def move_to(self, status: BuildStatus) -> None:
         if status not in _TRANSITIONS[self.status]:
@@ -148,6 +164,41 @@ class BuildRecord:
         self.status = status
         if status in (BuildStatus.READY, BuildStatus.ERROR):
             self.finished_at = now_rfc3339()
+
+    def to_json(self) -> dict[str, Any]:
+        """What `BuildRecordStore` keeps (the plan is not kept: a stored build never runs again)."""
+        return {
+            "buildID": self.build_id,
+            "templateID": self.template_id,
+            "teamID": self.team_id,
+            "name": self.name,
+            "tags": list(self.tags),
+            "cpuCount": self.cpu_count,
+            "memoryMB": self.memory_mb,
+            "status": self.status.value,
+            "reason": self.reason,
+            "createdAt": self.created_at,
+            "finishedAt": self.finished_at,
+            "runtime": self.runtime,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], entries: Sequence[LogEntry]) -> BuildRecord:
+        return cls(
+            build_id=str(data["buildID"]),
+            template_id=str(data["templateID"]),
+            team_id=str(data["teamID"]),
+            name=str(data["name"]),
+            tags=tuple(str(t) for t in data.get("tags") or ()),
+            cpu_count=int(data["cpuCount"]),
+            memory_mb=int(data["memoryMB"]),
+            status=BuildStatus(data["status"]),
+            log=BuildLog(entries),
+            reason=data.get("reason"),
+            created_at=str(data["createdAt"]),
+            finished_at=data.get("finishedAt"),
+            runtime=data.get("runtime"),
+        )
 
 
 class TemplateBuildService:
@@ -161,11 +212,27 @@ class TemplateBuildService:
         uploads: UploadStore | None = None,
         executor: Any = None,
         max_concurrent_builds: int = MAX_CONCURRENT_BUILDS,
+        records: BuildRecordStore | None = None,
+        cache_budget: CacheBudget | None = None,
+        own_layer: Callable[[str, str], None] | None = None,
+        collect_layers: Callable[[], Awaitable[Any]] | None = None,
+        template_owner: Callable[[TemplateManifest], str | None] | None = None,
     ) -> None:
+        """`own_layer(digest, kind)` records a layer a build made as collectable and
+        `collect_layers()` runs the server's layer collector (both given by the composition root;
+        without them nothing the builder makes is ever collected)."""
         self.settings = settings
+        self.node = node  # checks the runtime a build asks for (None in tests without sandboxes)
+        # The team a template belongs to, snapshots included (their manifests name no team: the
+        # composition root asks the store); without it, a manifest's own `team_id`.
+        self._template_owner = template_owner or (lambda manifest: manifest.team_id)
         self.templates = templates
         self.cache = cache if cache is not None else FileBuildCache(settings.home / "build-cache")
         self.uploads = uploads if uploads is not None else UploadStore(settings.home / "build-files")
+        self.records = records if records is not None else BuildRecordStore(settings.home / "builds")
+        self.cache_budget = cache_budget if cache_budget is not None else CacheBudget.from_env()
+        self.holds = LayerHolds()
+        self._collect_layers = collect_layers
         self.executor = executor or BuildExecutor(
             node,
             templates,
@@ -173,22 +240,99 @@ class TemplateBuildService:
             self.uploads,
             settings,
             pull_image=RegistryPuller(settings.layers_dir, RegistryConfig.from_env()).pull,
+            holds=self.holds,
+            own_layer=own_layer,
         )
         self._builds: dict[str, BuildRecord] = {}
+        self._log_files: dict[str, BuildLogFile] = {}
+        self._closing = False
         self._pending: dict[str, tuple[str, str]] = {}  # template id → (team, name) before its first build
         self._slots = asyncio.Semaphore(max_concurrent_builds)
         self._template_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        """Read the stored builds back (finishing interrupted ones as errors); drop stale uploads
+        and the pieces of pulls a crash interrupted. Runs before any build starts."""
         await asyncio.to_thread(self.uploads.remove_older_than, UPLOAD_RETENTION_S)
+        for data, entries in await asyncio.to_thread(self.records.load):
+            try:
+                record = BuildRecord.from_json(data, entries)
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning("ignoring build record %s: %s", data.get("buildID"), exc)
+                continue
+            self._builds[record.build_id] = record
+            if record.finished_at is None:  # waiting or building when the server stopped
+                self._attach_log_file(record)
+                self._fail(record, INTERRUPTED_MESSAGE, None)
+        self._forget_old_builds()
+        await asyncio.to_thread(self._remove_partial_pulls)
+
+    def _remove_partial_pulls(self) -> None:
+        layers_dir = self.settings.layers_dir
+        if layers_dir.is_dir():
+            for pattern in (".tmp-oci-*", ".tmp-blob-*"):
+                for leftover in layers_dir.glob(pattern):
+                    if leftover.is_dir():
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    else:
+                        leftover.unlink(missing_ok=True)
 
     async def aclose(self) -> None:
         """Cancel running builds (they end as errors) and wait for them to clean up."""
+        self._closing = True
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for log_file in self._log_files.values():
+            log_file.close()
+
+    # -- layers ------------------------------------------------------------------------------------
+
+    def layers_to_keep(self, referenced: set[str]) -> set[str]:
+        """For the layer collector: given the layers referenced otherwise, the ones the builder
+        needs as well (held by in-flight builds, or named by kept cache entries). Drops the cache
+        entries retention does not keep. Synchronous: the collector decides in one loop step."""
+        if self.holds.committing:  # a commit's digest is not known yet: keep everything
+            layers_dir = self.settings.layers_dir
+            return set(os.listdir(layers_dir)) if layers_dir.is_dir() else set()
+        held = self.holds.held()
+        plan = plan_cache_retention(self.cache.usage(), referenced | held, self.cache_budget, time.time())
+        for key in plan.drop_keys:
+            self.cache.delete(key)
+        return held | plan.keep_layers
+
+    async def _collect(self) -> None:
+        if self._collect_layers is None:
+            return
+        try:
+            await self._collect_layers()
+        except Exception:  # collection is retried after the next build, delete or restart
+            log.exception("layer collection failed")
+
+    # -- records -----------------------------------------------------------------------------------
+
+    def _attach_log_file(self, record: BuildRecord) -> None:
+        log_file = self.records.log_file(record.build_id)
+        self._log_files[record.build_id] = log_file
+        record.log.sink = log_file
+
+    def _move(self, record: BuildRecord, status: BuildStatus) -> None:
+        """Change a build's status and store the record; a finished build's log file is closed."""
+        record.move_to(status)
+        self._save(record)
+        if record.finished_at is not None:
+            record.log.sink = None
+            log_file = self._log_files.pop(record.build_id, None)
+            if log_file is not None:
+                log_file.close()
+
+    def _save(self, record: BuildRecord) -> None:
+        try:
+            self.records.save(record.to_json())
+        except OSError:  # the build goes on; only its record after a restart is lost
+            log.exception("cannot store build record %s", record.build_id)
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -215,7 +359,7 @@ class TemplateBuildService:
 
     def _visible(self, team_id: str, ref: str) -> TemplateManifest:
         manifest = self.templates.get(ref)
-        if manifest.team_id not in (None, team_id):
+        if self._template_owner(manifest) not in (None, team_id):  # another team's, snapshots too
             raise NotFound(f"template '{ref}' not found")
         return manifest
 
@@ -235,14 +379,28 @@ class TemplateBuildService:
             : max(0, len(finished) - MAX_RETAINED_BUILDS)
         ]:
             del self._builds[record.build_id]
+            try:
+                self.records.delete(record.build_id)
+            except (OSError, ValueError):
+                log.exception("cannot delete build record %s", record.build_id)
 
     # -- POST /v3/templates ------------------------------------------------------------------------
 
     async def request_build(
-        self, team_id: str, name: str, tags: Sequence[str], cpu_count: int, memory_mb: int
+        self,
+        team_id: str,
+        name: str,
+        tags: Sequence[str],
+        cpu_count: int,
+        memory_mb: int,
+        runtime: str | None = None,
     ) -> dict[str, Any]:
         identifier, tag = parse_name(name)
         all_tags = validate_tags(([tag] if tag else []) + list(tags)) or [DEFAULT_TAG]
+        if runtime:  # Corral's own field: sandboxes of the template run on this runtime
+            runtime = runtime_name(runtime)  # InvalidArgument for a name that is no runtime
+            if self.node is not None:
+                await self.node.runtime_named(runtime)  # installed, and not refused (FailedPrecondition)
         existing = self.templates.find(identifier)
         if existing is not None:
             if existing.team_id is None:
@@ -273,9 +431,12 @@ class TemplateBuildService:
             tags=tuple(all_tags),
             cpu_count=cpu_count,
             memory_mb=memory_mb,
+            runtime=runtime or None,
         )
         self._forget_old_builds()
         self._builds[record.build_id] = record
+        self._attach_log_file(record)
+        self._save(record)
         return {
             "templateID": template_id,
             "buildID": record.build_id,
@@ -318,7 +479,7 @@ class TemplateBuildService:
         if record.status is not BuildStatus.WAITING:
             raise AlreadyExists(f"build '{build_id}' was already started")
         record.plan = plan
-        record.move_to(BuildStatus.BUILDING)
+        self._move(record, BuildStatus.BUILDING)
         record.log.add(f"Building template {record.template_id}/{record.build_id}")
         task = asyncio.get_running_loop().create_task(self._run(record), name=f"build-{build_id}")
         self._tasks.add(task)
@@ -345,7 +506,7 @@ class TemplateBuildService:
         except StepFailed as exc:
             self._fail(record, exc.message, exc.step)
         except asyncio.CancelledError:
-            self._fail(record, "build was cancelled", None)
+            self._fail(record, INTERRUPTED_MESSAGE if self._closing else "build was cancelled", None)
             raise
         except CorralError as exc:
             self._fail(record, exc.message, None)
@@ -355,14 +516,18 @@ class TemplateBuildService:
         else:
             took = datetime.timedelta(seconds=int(time.monotonic() - started))
             record.log.add(f"Build finished, took {took}")
-            record.move_to(BuildStatus.READY)
+            self._move(record, BuildStatus.READY)
+        finally:
+            self.holds.release(record.build_id)  # published or failed: the manifest (or nothing) refers
+        if not self._closing:
+            await self._collect()
 
     def _fail(self, record: BuildRecord, message: str, step: str | None) -> None:
         record.log.add(f"Build failed: {message}", "error", step)
         record.reason = {"message": message}
         if step is not None:
             record.reason["step"] = step
-        record.move_to(BuildStatus.ERROR)
+        self._move(record, BuildStatus.ERROR)
         others = any(
             r.template_id == record.template_id and r.finished_at is None for r in self._builds.values()
         )
@@ -402,6 +567,7 @@ class TemplateBuildService:
                 updated_at=now,
                 tags=tags,
                 tagged_builds=tagged,
+                runtime=record.runtime,
             )
             await asyncio.to_thread(self.templates.save, manifest)
             self._pending.pop(record.template_id, None)
@@ -496,6 +662,7 @@ class TemplateBuildService:
             return False
         async with self._owned_locked(team_id, id_or_name) as manifest:
             await asyncio.to_thread(self.templates.delete, manifest.template_id)
+        await self._collect()  # its layers go unless a sandbox, another template or the cache keeps them
         return True
 
 

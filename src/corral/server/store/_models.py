@@ -152,12 +152,12 @@ class SnapshotModel(Base):
 
 
 class OwnedLayerModel(Base):
-    """A layer the lifecycle made (snapshot or fork); removed once nothing uses it."""
+    """A layer made to be disposable (snapshot, fork, build step, registry pull); removed once unused."""
 
     __tablename__ = "owned_layers"
 
     digest: Mapped[str] = mapped_column(String(64), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))  # "snapshot" | "fork"
+    kind: Mapped[str] = mapped_column(String(16))  # "snapshot" | "fork" | "build" | "pull"
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
