@@ -18,6 +18,12 @@ Rules the code below follows (TOCTOU):
   O_PATH fd is then re-opened through `/proc/self/fd/N`, which names exactly that inode.
 * Error messages name the sandbox path, never a host path.
 
+Ids given to and returned by `ConfinedRoot` are sandbox ids. A sandbox in a user namespace
+(`corral.node.runtime.idmap`) keeps its files under shifted host ids: the root's `IdMap` turns
+the ids it chowns to into host ids (`to_host`) and `owner` turns a host `stat`'s owner back into
+the sandbox's view (`as_seen_inside`: an unmapped host id shows as 65534, as inside). Without an
+`IdMap` host and sandbox ids are the same.
+
 Paths given to `ConfinedRoot` are sandbox paths; they are cleaned lexically first (like Go's
 `filepath.Clean`, which is what envd does) and a relative path is taken relative to `/`.
 
@@ -48,6 +54,7 @@ from corral.core.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from corral.node.runtime.idmap import IdMap
 
 __all__ = [
     "MAX_PATH",
@@ -178,9 +185,10 @@ class ConfinedRoot:
     root rather than the fd, so that no in-flight call can see the fd number reused.
     """
 
-    def __init__(self, fd: int, *, owns_fd: bool = False) -> None:
+    def __init__(self, fd: int, *, owns_fd: bool = False, id_map: IdMap | None = None) -> None:
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
             raise InvalidArgument("the sandbox root is not a directory")
+        self.id_map = id_map  # the sandbox's user namespace; None: sandbox ids are host ids
         self._fd = fd
         self._owns_fd = owns_fd
         self._lock = threading.Lock()
@@ -188,10 +196,28 @@ class ConfinedRoot:
         self._closed = False
 
     @classmethod
-    def open_path(cls, host_path: str) -> ConfinedRoot:
+    def open_path(cls, host_path: str, *, id_map: IdMap | None = None) -> ConfinedRoot:
         """Open a host directory as a root (tests, tools). The new root owns its fd."""
         fd = os.open(host_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        return cls(fd, owns_fd=True)
+        return cls(fd, owns_fd=True, id_map=id_map)
+
+    # -- ids -----------------------------------------------------------------------------------
+
+    def host_id(self, sandbox_id: int) -> int:
+        """The host id that stands for sandbox id `sandbox_id` on disk (-1, "leave unchanged",
+        stays -1). An id the sandbox's user namespace does not map is refused (InvalidArgument)."""
+        if self.id_map is None or sandbox_id == -1:
+            return sandbox_id
+        try:
+            return self.id_map.to_host(sandbox_id)
+        except ValueError:
+            raise InvalidArgument(f"id {sandbox_id} is not mapped in the sandbox") from None
+
+    def owner(self, st: os.stat_result) -> tuple[int, int]:
+        """`(uid, gid)` of a host `stat` of a file in this root, as the sandbox sees them."""
+        if self.id_map is None:
+            return st.st_uid, st.st_gid
+        return self.id_map.as_seen_inside(st.st_uid), self.id_map.as_seen_inside(st.st_gid)
 
     def fileno(self) -> int:
         return self._fd
@@ -274,6 +300,7 @@ class ConfinedRoot:
         the caller's writes MODIFY; an existing file keeps its mode and yields ATTRIB, MODIFY.
         """
         norm = normalize(path)
+        uid, gid = self.host_id(uid), self.host_id(gid)
         for _ in range(_RETRIES):
             try:
                 pfd = self._open(norm, os.O_PATH)
@@ -407,6 +434,7 @@ class ConfinedRoot:
     def mkdir(self, path: str, mode: int = 0o755, *, uid: int | None = None, gid: int | None = None) -> None:
         """Create one directory (parent must exist), with exactly `mode`, optionally chowned."""
         norm = normalize(path)
+        uid, gid = self._host_ids(uid, gid)
         parent, name = posixpath.split(norm)
         if not name:
             raise AlreadyExists("path '/' already exists")
@@ -416,7 +444,11 @@ class ConfinedRoot:
         finally:
             os.close(pfd)
 
+    def _host_ids(self, uid: int | None, gid: int | None) -> tuple[int | None, int | None]:
+        return (None if uid is None else self.host_id(uid)), (None if gid is None else self.host_id(gid))
+
     def _mkdir_at(self, pfd: int, name: str, norm: str, mode: int, uid: int | None, gid: int | None) -> None:
+        # uid/gid: host ids (mapped by the caller)
         try:
             os.mkdir(name, mode, dir_fd=pfd)
             dfd = self.open_child_dir(pfd, name)
@@ -441,6 +473,7 @@ class ConfinedRoot:
         directories (or symlinks to directories, followed in the root) are left alone.
         """
         norm = normalize(path)
+        uid, gid = self._host_ids(uid, gid)
         created: list[str] = []
         parts = [p for p in norm.split("/") if p]
         for i in range(1, len(parts) + 1):
@@ -516,10 +549,9 @@ class ConfinedRoot:
 
     # -- ownership and extended attributes (on fds) --------------------------------------------
 
-    @staticmethod
-    def chown(fd: int, uid: int, gid: int) -> None:
-        """fchown(2) of an fd opened for reading or writing (not O_PATH)."""
-        os.fchown(fd, uid, gid)
+    def chown(self, fd: int, uid: int, gid: int) -> None:
+        """fchown(2) of an fd opened for reading or writing (not O_PATH), to sandbox ids."""
+        os.fchown(fd, self.host_id(uid), self.host_id(gid))
 
     @staticmethod
     def listxattr(fd: int) -> list[str]:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from corral.node.envd.confined import ConfinedRoot
     from corral.node.envd.process import ProcessTable
     from corral.node.runtime.base import Spawner
+    from corral.node.runtime.idmap import IdMap
     from corral.node.sandboxes import SandboxUsage
 
 __all__ = ["EnvdSandbox", "SCOPE_KEY", "sandbox_from_scope"]
@@ -37,6 +38,12 @@ class EnvdSandbox:
     usage: Callable[[], SandboxUsage] | None = None  # what it uses now, for GET /metrics (blocking)
     default_user: str = DEFAULT_USER  # the template's user: requests naming no user act as it
     default_workdir: str | None = None  # the template's workdir: processes started without a cwd run here
+
+    @property
+    def id_map(self) -> IdMap | None:
+        """The sandbox's user namespace (None: none, sandbox ids are host ids). It lives on the
+        root, so every file operation through it, envd's or the builder's, maps owners."""
+        return self.root.id_map
 
     def default_env(self) -> dict[str, str]:
         """Sandbox-level env vars every process gets (e2b-protocol.md §6.3), also served by GET /envs."""

@@ -8,7 +8,8 @@ readers that build an `Entry` through a `ConfinedRoot`, with envd's semantics (i
   symlink; a broken symlink has type UNSPECIFIED and mode 0;
 * `permissions` is Go's `FileMode.String()` of the lstat mode (`-rw-r--r--`, `Lrwxrwxrwx`);
 * `size` and `modified` are the lstat values; owner/group are names from the sandbox's own
-  /etc/passwd and /etc/group (numbers when unknown);
+  /etc/passwd and /etc/group (numbers when unknown) of the ids as the sandbox sees them (its user
+  namespace's, `ConfinedRoot.owner`: host stat ids are shifted);
 * `symlink_target` (symlinks only) is the fully resolved absolute sandbox path, or the entry's
   own path when it cannot be resolved (as envd does);
 * `metadata` holds the `user.e2b.<key>` xattrs of the (followed) file, prefix stripped.
@@ -205,6 +206,7 @@ def read_entry(root: ConfinedRoot, path: str, names: OwnerNames | None = None) -
         else:
             kind, mode, followed = file_kind(tst.st_mode), stat.S_IMODE(tst.st_mode) & 0o777, target
     uids, gids = names if names is not None else owner_names(root)
+    uid, gid = root.owner(lst)
     metadata: dict[str, str] = {}
     if kind in (FileKind.FILE, FileKind.DIRECTORY):
         metadata = _metadata_at(root, followed)
@@ -215,8 +217,8 @@ def read_entry(root: ConfinedRoot, path: str, names: OwnerNames | None = None) -
         size=lst.st_size,
         mode=mode,
         permissions=go_mode_string(lst.st_mode),
-        owner=uids.get(lst.st_uid, str(lst.st_uid)),
-        group=gids.get(lst.st_gid, str(lst.st_gid)),
+        owner=uids.get(uid, str(uid)),
+        group=gids.get(gid, str(gid)),
         modified_ns=lst.st_mtime_ns,
         symlink_target=target,
         metadata=metadata,

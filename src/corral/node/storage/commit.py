@@ -8,6 +8,10 @@ number, symlink target, xattrs and content, so identical trees share one directo
 (content-addressed, like the builder's layers).
 
 The caller freezes the sandbox first: nothing inside changes the upper dir while it is copied.
+
+A sandbox in a user namespace stores its files under shifted host ids (base+N, see
+`corral.node.runtime.idmap`); given its `IdMap`, the copy is shifted back (`unshift_tree`) before
+it is named, so a layer is owned as its files are inside, whichever sandbox it came from.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import stat
 from pathlib import Path
 
 from corral.node import spawn
+from corral.node.runtime.idmap import IdMap, unshift_tree
 
-__all__ = ["VOLATILE_XATTRS", "commit_layer", "remove_layer", "tree_digest"]
+__all__ = ["VOLATILE_XATTRS", "commit_layer", "remove_layer", "retire_layer", "tree_digest"]
 
 # Overlay bookkeeping that differs between two copies of the same content; not part of the digest.
 VOLATILE_XATTRS = frozenset({"trusted.overlay.uuid", "trusted.overlay.origin", "trusted.overlay.impure"})
@@ -83,14 +88,17 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-async def commit_layer(upper: Path, layers_dir: Path) -> str:
-    """Copy `upper` into `layers_dir/<digest>` and return the digest (an existing equal layer is reused)."""
-    layers_dir.mkdir(parents=True, exist_ok=True)
+async def commit_layer(upper: Path, layers_dir: Path, id_map: IdMap | None = None) -> str:
+    """Copy `upper` into `layers_dir/<digest>` and return the digest (an existing equal layer is reused).
+    `id_map`: the sandbox's user namespace, whose host ids the copy is shifted back from."""
+    layers_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = layers_dir / f".tmp-commit-{secrets.token_hex(8)}"
     try:
         (await spawn.run(["cp", "-a", "--no-target-directory", str(upper), str(tmp)])).check(
             "copying the sandbox's files"
         )
+        if id_map is not None:
+            await asyncio.to_thread(unshift_tree, tmp, id_map)
         digest = await asyncio.to_thread(tree_digest, tmp)
         target = layers_dir / digest
         try:
@@ -105,11 +113,22 @@ async def commit_layer(upper: Path, layers_dir: Path) -> str:
             await asyncio.to_thread(shutil.rmtree, tmp, True)
 
 
-def remove_layer(layers_dir: Path, digest: str) -> None:
-    """Delete a layer directory (renamed away first, so a half-deleted layer is never visible)."""
+def retire_layer(layers_dir: Path, digest: str) -> Path | None:
+    """Rename a layer directory out of sight (`.tmp-remove-*`); the path to delete, None if absent.
+
+    Fast (one rename), so a collector can decide and retire in one step of the event loop, with
+    nothing able to start using the layer in between; the slow `shutil.rmtree` comes after.
+    """
     target = layers_dir / digest
     if not target.is_dir():
-        return
+        return None
     doomed = layers_dir / f".tmp-remove-{digest}-{secrets.token_hex(4)}"
     os.rename(target, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    return doomed
+
+
+def remove_layer(layers_dir: Path, digest: str) -> None:
+    """Delete a layer directory (renamed away first, so a half-deleted layer is never visible)."""
+    doomed = retire_layer(layers_dir, digest)
+    if doomed is not None:
+        shutil.rmtree(doomed, ignore_errors=True)
