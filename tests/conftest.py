@@ -8,6 +8,8 @@ default home when that already has it).
 from __future__ import annotations
 
 import contextlib
+import functools
+import ipaddress
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +25,15 @@ TEST_BRIDGE = os.environ.get("CORRAL_TEST_BRIDGE", "crltest0")
 TEST_SUBNET = os.environ.get("CORRAL_TEST_SUBNET", "10.202.0.0/16")
 __all__ = ["DEFAULT_HOME", "TEST_API_KEY", "TEST_BRIDGE", "TEST_HOME", "TEST_SUBNET", "ServerProcess", "ensure_test_template"]
 _free_port = free_port
+
+
+@functools.cache
+def fake_resolver_address() -> str:
+    """The test servers' DNS upstream (one per test session): `*.test` -> the fake internet's
+    hosts (`tests.network_fixtures.FakeResolver`), so that no sandbox DNS leaves the machine."""
+    from tests.network_fixtures import FakeResolver
+
+    return FakeResolver(ipaddress.IPv4Network(TEST_SUBNET).network_address.packed[1]).address
 
 
 def ensure_test_template(home: Path = TEST_HOME) -> None:
@@ -45,6 +56,7 @@ class ServerProcess(_ServerProcess):
         extra_args: Sequence[str] = (),
         tls_ca: Path | None = None,
     ) -> None:
+        env = {"CORRAL_DNS_UPSTREAMS": fake_resolver_address(), **(env or {})}
         super().__init__(port, home=home, bridge=bridge, subnet=subnet, env=env, extra_args=extra_args, tls_ca=tls_ca)
 
 

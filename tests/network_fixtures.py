@@ -13,19 +13,30 @@ its addresses, and one server process inside answering on every address:
 Addresses are chosen per run by the caller (`octet`), from ranges a sandbox is allowed to reach
 (198.18.0.0/15, benchmarking) and from always-denied ones (172.16.0.0/12, 169.254.0.0/16) to show
 those stay closed whatever a policy says.
+
+`FakeResolver` is the DNS upstream of the test servers (`CORRAL_DNS_UPSTREAMS`): every name under
+`.test` resolves to both reachable hosts of an octet, anything else is NXDOMAIN, so a sandbox's
+DNS never leaves the machine and names allowed by a policy have addresses to be pinned to.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import socket
+import socketserver
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-__all__ = ["FakeNet", "make_ca", "make_cert", "run"]
+from dnslib import QTYPE, RR, A, DNSRecord
+
+from corral.node.network.dns import host_upstreams
+
+__all__ = ["FakeNet", "FakeResolver", "make_ca", "make_cert", "run"]
 
 SERVER = r"""
 import http.server, socketserver, ssl, sys, threading
@@ -199,3 +210,42 @@ class FakeNet:
             self.down()
             raise
         return self
+
+
+class FakeResolver:
+    """A UDP DNS server on 127.0.0.1 in a daemon thread: `<anything>.test` A -> 198.18.<octet>.10
+    and .11 (both `FakeNet` hosts). Other names go to the host's own resolver, as they did before
+    test servers used this one: the tests that install packages in a sandbox need real names."""
+
+    def __init__(self, octet: int) -> None:
+        hosts = [f"198.18.{octet}.10", f"198.18.{octet}.11"]
+        upstream = (host_upstreams()[0], 53)
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                data, sock = self.request
+                try:
+                    request = DNSRecord.parse(data)
+                except Exception:  # noqa: BLE001
+                    return
+                reply = request.reply()
+                name = str(request.q.qname).rstrip(".").lower()
+                if not name.endswith(".test"):
+                    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
+                        up.settimeout(5)
+                        up.sendto(data, upstream)
+                        sock.sendto(up.recv(65535), self.client_address)
+                    return
+                if request.q.qtype == QTYPE.A:
+                    for host in hosts:
+                        reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(host), ttl=60))
+                sock.sendto(reply.pack(), self.client_address)
+
+        self.server = socketserver.ThreadingUDPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

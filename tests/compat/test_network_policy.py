@@ -146,6 +146,39 @@ def test_domain_allowlist_by_sni_and_host(e2b_env, inet: FakeNet) -> None:
         sbx.kill()
 
 
+def test_forks_keep_their_parents_policy_and_closed_ports(e2b_env, inet: FakeNet) -> None:
+    import httpx
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=60, network={"deny_out": [inet.host_a], "allow_public_traffic": False})
+    forks: list = []
+    try:
+        assert curl(sbx, f"http://{inet.host_a}/") == "blocked"
+        forks = sbx.fork(count=1, timeout=60)
+        fork = forks[0]
+        assert isinstance(fork, Sandbox), fork
+        assert curl(fork, f"http://{inet.host_a}/") == "blocked"
+        assert curl(fork, f"http://{inet.host_b}/").startswith("host=")  # control: only that address
+        assert fork.get_info().network == {"allow_public_traffic": False, "deny_out": [inet.host_a]}
+        # closed to the public like its parent, with a key of its own
+        token = fork.traffic_access_token
+        assert token and token != sbx.traffic_access_token
+        port = {"E2b-Sandbox-Id": fork.sandbox_id, "E2b-Sandbox-Port": "8000"}
+        assert httpx.get(e2b_env.url, headers=port).status_code == 403
+        parents = {**port, "e2b-traffic-access-token": sbx.traffic_access_token or ""}
+        assert httpx.get(e2b_env.url, headers=parents).status_code == 403
+        own = httpx.get(e2b_env.url, headers={**port, "e2b-traffic-access-token": token})
+        assert own.status_code == 502  # let through; nothing listens on 8000
+        # from then on the two are separate: opening the parent leaves the fork as it was
+        sbx.update_network({})
+        assert curl(sbx, f"http://{inet.host_a}/").startswith("host=")
+        assert curl(fork, f"http://{inet.host_a}/") == "blocked"
+    finally:
+        for box in [sbx, *forks]:
+            if isinstance(box, Sandbox):
+                box.kill()
+
+
 def test_invalid_policies_and_unknown_sandboxes(e2b_env) -> None:
     from e2b import Sandbox
     from e2b.exceptions import SandboxException, SandboxNotFoundException

@@ -5,7 +5,9 @@ Sandboxes here are bare network namespaces attached by `SandboxNetwork` on a bri
 own (`crleg0`, 10.204.0.0/16; override with CORRAL_TEST_EGRESS_BRIDGE / _SUBNET); probes are `curl`
 run inside them with `ip netns exec`. "The internet" is `tests.network_fixtures.FakeNet`: a namespace
 with 198.18.204.10/.11 (reachable), 172.29.204.1 (private) and 169.254.204.1 (link-local). DNS is
-answered by a fake upstream on loopback. No packet leaves the machine.
+answered by a fake upstream on loopback (`allowed.test` and `www.allowed.test` are host A,
+`b.allowed.test` host B, anything else 198.18.0.99): a connection that only its name allows must
+go to an address of that name. No packet leaves the machine.
 
 Every "blocked" assertion has a control showing the same probe succeeding where it should.
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from dnslib import QTYPE, RR, A, DNSRecord
+from dnslib import CNAME, QTYPE, RR, A, DNSRecord
 
 from corral.core.settings import Settings, load_settings
 from corral.node.network import Attachment, EgressPolicy, IngressPolicy, NetworkPolicy, SandboxNetwork
@@ -126,19 +128,28 @@ async def counter(comment: str) -> int:
 
 
 class FakeUpstream(asyncio.DatagramProtocol):
-    """The host's resolver, on loopback: every query gets A 198.18.0.99."""
+    """The host's resolver, on loopback: `records` maps a name to an address or to `cname:<name>`;
+    any other name gets A 198.18.0.99."""
 
     def __init__(self) -> None:
         self.seen: list[str] = []
+        self.records: dict[str, str] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[override]
         request = DNSRecord.parse(data)
-        self.seen.append(str(request.q.qname).rstrip("."))
+        name = str(request.q.qname).rstrip(".")
+        self.seen.append(name)
         reply = request.reply()
-        reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(FAKE_ANSWER), ttl=60))
+        for _ in range(8):
+            target = self.records.get(name, FAKE_ANSWER)
+            if not target.startswith("cname:"):
+                break
+            reply.add_answer(RR(name, QTYPE.CNAME, rdata=CNAME(target[6:]), ttl=60))
+            name = target[6:]
+        reply.add_answer(RR(name, QTYPE.A, rdata=A(target), ttl=60))
         self.transport.sendto(reply.pack(), addr)  # type: ignore[attr-defined]
 
 
@@ -179,6 +190,9 @@ async def env() -> AsyncIterator[Env]:
         inet = FakeNet(name=f"crlegnet{OCTET}", veth=f"crlegfn{OCTET}", octet=OCTET)
         await SandboxNetwork(settings, dns=False, egress_proxy=False, state_dir=STATE_DIR).teardown_host()
         box = Env(settings, None, upstream, transport.get_extra_info("sockname")[:2], inet)  # type: ignore[arg-type]
+        upstream.records.update(
+            {"allowed.test": inet.host_a, "www.allowed.test": inet.host_a, "b.allowed.test": inet.host_b}
+        )
         box.net = box.new_net()
         try:
             await asyncio.to_thread(inet.up)
@@ -250,7 +264,7 @@ async def test_domain_allowlist_by_sni_and_host(env: Env) -> None:
     after = env.net._proxy.decisions  # type: ignore[union-attr]
     assert after["allowed"] - before["allowed"] == 2 and after["denied"] - before["denied"] == 3
     # DNS answers the allowlist only
-    assert await dns(ns, "allowed.test") == f"NOERROR {FAKE_ANSWER}"
+    assert await dns(ns, "allowed.test") == f"NOERROR {a}"
     seen = len(env.upstream.seen)
     assert await dns(ns, "denied.test") == "REFUSED -"
     assert await dns(ns, "exfil.attacker.test") == "REFUSED -"
@@ -270,12 +284,75 @@ async def test_wildcards_and_ports(env: Env) -> None:
 
 
 async def test_allow_wins_over_deny(env: Env) -> None:
-    a = env.inet.host_a
-    att = await env.sandbox("allowwins", egress(allow=[a, "allowed.test"], deny=[a, f"{env.inet.host_b}/32"]))
+    a, b = env.inet.host_a, env.inet.host_b
+    att = await env.sandbox("allowwins", egress(allow=[a, "b.allowed.test"], deny=[a, f"{b}/32"]))
     ns = att.netns_name
     assert (await tcp(ns, a, 8080)).startswith("peer=")
-    assert "tls=yes" in await curl(ns, "https://allowed.test/", resolve=f"allowed.test:443:{env.inet.host_b}")
-    assert await curl(ns, "https://other.test/", resolve=f"other.test:443:{env.inet.host_b}") == "blocked"
+    assert "tls=yes" in await curl(ns, "https://b.allowed.test/", resolve=f"b.allowed.test:443:{b}")
+    assert await curl(ns, "https://other.test/", resolve=f"other.test:443:{b}") == "blocked"
+
+
+async def test_a_name_takes_a_connection_only_to_its_own_addresses(env: Env) -> None:
+    """SNI / Host spoofing: an allowed name sent to an address it does not resolve to is refused."""
+    a, b = env.inet.host_a, env.inet.host_b
+    att = await env.sandbox("pinned", egress(allow=["allowed.test", "*.allowed.test"], deny=[ALL_TRAFFIC]))
+    ns = att.netns_name
+    proxy = env.net._proxy
+    assert proxy is not None
+    before = proxy.decisions.copy()
+    # resolved through the sandbox's own forwarder, then connected to: works
+    assert await dns(ns, "b.allowed.test") == f"NOERROR {b}"
+    assert "tls=yes" in await curl(ns, "https://b.allowed.test/", resolve=f"b.allowed.test:443:{b}")
+    # an allowed name to an address that is not one of its own: refused, by SNI and by Host
+    assert await curl(ns, "https://b.allowed.test/", resolve=f"b.allowed.test:443:{a}") == "blocked"
+    assert await curl(ns, "https://allowed.test/", resolve=f"allowed.test:443:{b}") == "blocked"
+    assert await curl(ns, "http://allowed.test/", resolve=f"allowed.test:80:{b}") == "blocked"
+    # control: a name the sandbox never asked for, to its address (the proxy resolves it itself)
+    assert "tls=yes" in await curl(ns, "https://allowed.test/", resolve=f"allowed.test:443:{a}")
+    after = proxy.decisions
+    assert after["name mismatch"] - before["name mismatch"] == 3
+    assert after["allowed"] - before["allowed"] == 2
+
+
+async def test_the_answers_a_sandbox_got_hold_through_cnames_and_changes(env: Env) -> None:
+    a, b = env.inet.host_a, env.inet.host_b
+    env.upstream.records.update({"cdn.allowed.test": "cname:edge.cdn.test", "edge.cdn.test": b})
+    try:
+        policy = egress(allow=["*.allowed.test"], deny=[ALL_TRAFFIC])
+        att = await env.sandbox("cname", policy)
+        ns = att.netns_name
+        assert await dns(ns, "cdn.allowed.test") == f"NOERROR edge.cdn.test.,{b}"
+        env.upstream.records["cdn.allowed.test"] = a  # the name moves after the sandbox asked
+        # what the sandbox was told still counts (under the name it asked), and so does the new answer
+        assert "tls=yes" in await curl(ns, "https://cdn.allowed.test/", resolve=f"cdn.allowed.test:443:{b}")
+        assert "tls=yes" in await curl(ns, "https://cdn.allowed.test/", resolve=f"cdn.allowed.test:443:{a}")
+        # the chain's target is no allowed name of its own
+        assert await curl(ns, "https://edge.cdn.test/", resolve=f"edge.cdn.test:443:{b}") == "blocked"
+        # another sandbox was told nothing: only the current answer counts for it
+        other = await env.sandbox("cname2", policy)
+        assert (
+            await curl(other.netns_name, "https://cdn.allowed.test/", resolve=f"cdn.allowed.test:443:{b}")
+            == "blocked"
+        )
+        # a detached sandbox's answers go with it (its address will be someone else's)
+        assert env.net.resolved_names.count(att.ip) > 0
+        await env.net.detach("cname")
+        env.sbx.pop("cname")
+        assert env.net.resolved_names.count(att.ip) == 0
+    finally:
+        for name in ("cdn.allowed.test", "edge.cdn.test"):
+            env.upstream.records.pop(name, None)
+
+
+async def test_an_allowed_address_takes_any_name(env: Env) -> None:
+    a, b = env.inet.host_a, env.inet.host_b
+    att = await env.sandbox("cidrsni", egress(allow=[f"{b}/32", "allowed.test"], deny=[ALL_TRAFFIC]))
+    ns = att.netns_name
+    for name in ("allowed.test", "other.test", "b.allowed.test"):
+        assert "tls=yes" in await curl(ns, f"https://{name}/", resolve=f"{name}:443:{b}")
+    assert (await curl(ns, "http://other.test/", resolve=f"other.test:80:{b}")).startswith("host=other.test ")
+    assert "tls=yes" in await curl(ns, "https://allowed.test/", resolve=f"allowed.test:443:{a}")  # by name
+    assert await curl(ns, "https://other.test/", resolve=f"other.test:443:{a}") == "blocked"  # control
 
 
 async def test_always_denied_ranges_cannot_be_reopened(env: Env) -> None:

@@ -20,10 +20,8 @@ import ipaddress
 import json
 import os
 import shutil
-import statistics
 import struct
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -470,7 +468,7 @@ async def test_reconcile_removes_what_nobody_keeps(env: Env) -> None:
     assert f"{BRIDGE}-orphan1" not in netns_names() and env.a.netns_name in netns_names()
 
 
-async def test_concurrent_attach_detach_and_timing(env: Env) -> None:
+async def test_concurrent_attach_detach(env: Env) -> None:
     ids = [f"par{i}" for i in range(24)]
     atts = await asyncio.gather(*(env.net.attach(i, allow_internet=i.endswith("1")) for i in ids))
     assert len({a.ip for a in atts}) == len(ids)
@@ -482,21 +480,6 @@ async def test_concurrent_attach_detach_and_timing(env: Env) -> None:
     ]
     assert [p.split("@")[0] for p in ports] == [env.a.veth_host]  # only A is left
 
-    attach_ms, detach_ms = [], []
-    for i in range(15):
-        t0 = time.perf_counter()
-        await env.net.attach(f"seq{i}", allow_internet=bool(i % 2))
-        t1 = time.perf_counter()
-        await env.net.detach(f"seq{i}")
-        t2 = time.perf_counter()
-        attach_ms.append((t1 - t0) * 1000)
-        detach_ms.append((t2 - t1) * 1000)
-    report = (
-        f"attach median {statistics.median(attach_ms):.1f} ms (min {min(attach_ms):.1f}), "
-        f"detach median {statistics.median(detach_ms):.1f} ms (min {min(detach_ms):.1f})"
-    )
-    print(report)
-    assert statistics.median(attach_ms) < 250, report  # loose: the machine is shared
 
 
 async def test_teardown_removes_everything(env: Env) -> None:

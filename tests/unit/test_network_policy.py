@@ -433,3 +433,70 @@ async def test_policies_are_recorded_at_attach_and_replaced_by_update(tmp_path: 
         assert policies.policy_for("nosuch") is None
     finally:
         store.close()
+
+
+async def test_forks_inherit_their_parents_current_policy(tmp_path: Path) -> None:
+    settings = load_settings({"home": tmp_path / "home"}, env={})
+    store = Store.open(settings)
+    try:
+        team = store.team_for_api_key(store.ensure_default_team(None))
+        assert team is not None
+        net = FakeNetwork(settings)
+        await net.ensure_host()
+        policies = NetworkPolicies(store, net)
+        now = datetime.now(UTC)
+
+        def row(sandbox_id: str, internet: bool = True) -> None:
+            store.insert_sandbox(
+                SandboxRow(sandbox_id=sandbox_id, team_id=team, template_id="base", state=SandboxState.RUNNING,
+                           started_at=now, end_at=now + timedelta(seconds=60), allow_internet_access=internet)
+            )  # fmt: skip
+
+        req = SimpleNamespace(
+            network={"allowOut": ["a.test"], "denyOut": [ALL_TRAFFIC], "allowPublicTraffic": False,
+                     "maskRequestHost": "localhost:${PORT}"},
+            allow_internet_access=True, secure=True,
+        )  # fmt: skip
+        row("parent")
+        policies.stage("parent", policies.plan(req))
+        await net.attach("parent", allow_internet=True)
+        # changed at runtime: the fork gets the policy as it is now, not as it was created
+        await policies.update(
+            team,
+            "parent",
+            NetworkUpdateRequest.model_validate({"allowOut": ["b.test"], "denyOut": [ALL_TRAFFIC]}),
+        )
+        row("fork1")
+        policies.inherit("parent", "fork1")
+        await net.attach("fork1", allow_internet=True)
+        parent, fork = net.policy("parent"), net.policy("fork1")
+        assert parent is not None and fork is not None
+        assert fork.egress == parent.egress == EgressPolicy.from_lists(["b.test"], [ALL_TRAFFIC])
+        assert fork.ingress.mask_request_host == "localhost:${PORT}"
+        token = policies.traffic_access_token("fork1")
+        assert token and token != policies.traffic_access_token("parent")  # closed to the public, own key
+        assert fork.ingress.traffic_access_token == token
+        assert policies.config("fork1") == policies.config("parent")
+
+        # no internet at all is inherited through the row and the record
+        row("closed", internet=False)
+        policies.stage(
+            "closed", policies.plan(SimpleNamespace(network=None, allow_internet_access=False, secure=False))
+        )
+        await net.attach("closed", allow_internet=False)
+        row("fork2", internet=False)
+        policies.inherit("closed", "fork2")
+        await net.attach("fork2", allow_internet=False)
+        assert net.policy("fork2").egress.blocks_everything  # type: ignore[union-attr]
+        assert policies.traffic_access_token("fork2") is None
+
+        # a parent with the defaults: the fork has the defaults, and no record
+        row("plain")
+        policies.stage("plain", None)
+        await net.attach("plain", allow_internet=True)
+        row("fork3")
+        policies.inherit("plain", "fork3")
+        await net.attach("fork3", allow_internet=True)
+        assert policies.config("fork3") is None and net.policy("fork3") == NetworkPolicy()
+    finally:
+        store.close()

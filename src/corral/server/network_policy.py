@@ -11,6 +11,13 @@ Update (`PUT /sandboxes/{id}/network`, body `SandboxNetworkUpdateConfig`): repla
 config, as E2B does (omitted lists are cleared, an omitted `allow_internet_access` means true);
 ingress settings stay, except `maskRequestHost` when given. Applied to the running sandbox at once.
 
+Fork (`POST /sandboxes/{id}/fork`, which has no network fields): each fork starts with its
+parent's settings as they are now (`inherit`): egress rules and `allow_internet_access`,
+`allowPublicTraffic` and `maskRequestHost`; a fork closed to the public gets a traffic access
+token of its own (returned in its create answer, as for any new sandbox), so a token leaked from
+one sandbox opens no other. A sandbox created from a snapshot is a create like any other: the
+request's settings apply (a snapshot is a template and keeps files only).
+
 The database row (`sandbox_networks`) is the record; the node's network applies the policy
 (`SandboxNetwork.set_policy`) and asks `policy_for` for it whenever it attaches a sandbox (create,
 and anything that re-attaches one), so a policy can never be forgotten between the two. At create
@@ -176,6 +183,16 @@ class NetworkPolicies:
             del self._staged[stale]
         self._staged[sandbox_id] = (now, plan)  # a new sandbox: its attach needs no database read
 
+    def inherit(self, parent_id: str, child_id: str) -> None:
+        """Stage for a new fork its parent's settings (see the module docstring)."""
+        config, token = self._read(parent_id)
+        policy = self._recorded_policy(parent_id, config, token)
+        if config is None or policy is None:
+            self.stage(child_id, None)
+            return
+        ingress = IngressPolicy(new_access_token() if token else None, policy.ingress.mask_request_host)
+        self.stage(child_id, NetworkPlan(dict(config), NetworkPolicy(policy.egress, ingress)))
+
     # -- update ------------------------------------------------------------------------------
 
     async def update(self, team_id: str, sandbox_id: str, body: NetworkUpdateRequest) -> None:
@@ -223,6 +240,11 @@ class NetworkPolicies:
             self._write(sandbox_id, plan.config, plan.policy.ingress.traffic_access_token)
             return plan.policy
         config, token = self._read(sandbox_id)
+        return self._recorded_policy(sandbox_id, config, token)
+
+    def _recorded_policy(
+        self, sandbox_id: str, config: dict[str, Any] | None, token: str | None
+    ) -> NetworkPolicy | None:
         if config is None:
             return None
         row = self._store.get_sandbox(sandbox_id)

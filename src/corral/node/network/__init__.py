@@ -1,7 +1,8 @@
 """Per-sandbox networking: a network namespace per sandbox, wired by a veth to a host bridge, with
 NAT to the internet, nftables egress policy and a DNS forwarder on the bridge address.
 
-Plans are pure data (`naming`, `addressing`, `links`, `ruleset`, `policy`, `sniff`);
+Plans are pure data (`naming`, `addressing`, `links`, `ruleset`, `policy`, `sniff`; `resolutions`
+records what DNS told each sandbox);
 `host.SandboxNetwork` applies them with `ip` and `nft`; `dns` is the forwarder; `egress_proxy` the
 inspecting proxy for domain rules; `fake.FakeNetwork` is an in-memory stand-in.
 

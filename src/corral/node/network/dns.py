@@ -13,6 +13,10 @@ upstream can answer it. Work is bounded: at most `max_inflight` UDP queries and 
 TCP connections at once, and a quarter of each per client so that one sandbox cannot starve its
 neighbours (beyond that, UDP queries are dropped and the client retries; TCP connections are
 closed), and `timeout` seconds per upstream attempt.
+
+Every answer relayed to a sandbox is handed to `on_answer(client, reply)` (the node records the
+addresses it gave, `resolutions`), and `lookup(name)` resolves a name for the node itself through
+the same upstreams (the proxy's check of a connection allowed by its name).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import collections
 import contextlib
 import ipaddress
 import logging
+import secrets
 import socket
 import struct
 from collections.abc import Callable, Coroutine, Sequence
@@ -30,6 +35,7 @@ from typing import Any, Self
 from dnslib import QTYPE, RCODE, DNSRecord
 
 from corral.core.settings import Settings
+from corral.node.network.resolutions import Resolution, answer_addresses
 from corral.node.network.ruleset import DNS_PORT
 
 __all__ = [
@@ -40,6 +46,7 @@ __all__ = [
     "allow_all",
     "host_upstreams",
     "parse_resolv_conf",
+    "parse_upstreams",
     "resolv_conf_text",
     "start_dns_forwarder",
 ]
@@ -72,6 +79,25 @@ def parse_resolv_conf(text: str) -> list[str]:
             except ValueError:
                 continue
     return servers
+
+
+def parse_upstreams(text: str) -> list[Upstream]:
+    """`CORRAL_DNS_UPSTREAMS`: comma-separated `address`, `address:port` or `[v6]:port`; raises
+    ValueError on anything else."""
+    upstreams: list[Upstream] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        host, port = item, DNS_PORT
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port = int(rest[1:]) if rest.startswith(":") else DNS_PORT
+        elif item.count(":") == 1:
+            host, _, raw = item.partition(":")
+            port = int(raw)
+        ipaddress.ip_address(host)
+        if not 0 < port < 65536:
+            raise ValueError(f"invalid DNS upstream port in {item!r}")
+        upstreams.append(host if port == DNS_PORT else (host, port))
+    return upstreams
 
 
 def host_upstreams(path: str = "/etc/resolv.conf") -> list[str]:
@@ -117,6 +143,7 @@ class DnsForwarder:
         port: int = DNS_PORT,
         policy: DnsPolicy = allow_all,
         allowed_clients: ipaddress.IPv4Network | None = None,
+        on_answer: Callable[[IPAddress, bytes], None] | None = None,
         timeout: float = 2.0,
         max_inflight: int = 256,
         max_tcp_clients: int = 64,
@@ -129,6 +156,7 @@ class DnsForwarder:
         self.upstreams = tuple((u, DNS_PORT) if isinstance(u, str) else (u[0], int(u[1])) for u in upstreams)
         self.policy = policy
         self.allowed_clients = allowed_clients
+        self.on_answer = on_answer
         self.timeout = timeout
         self.max_inflight = max_inflight
         self.max_tcp_clients = max_tcp_clients
@@ -284,8 +312,34 @@ class DnsForwarder:
             except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
                 log.debug("dns upstream %s failed for %s: %r", upstream, qname, exc)
                 continue
+            if self.on_answer is not None:
+                try:
+                    self.on_answer(client, answer)
+                except Exception:
+                    log.exception("dns: recording the answer for %s to %s failed", qname, client)
             return answer
         return _error_reply(request, RCODE.SERVFAIL)
+
+    async def lookup(self, name: str, *, ipv6: bool = False) -> list[Resolution]:
+        """The A (or AAAA) addresses of `name` per the upstreams, for the node itself; [] when
+        none answers or the name has none."""
+        request = DNSRecord.question(name, "AAAA" if ipv6 else "A")
+        request.header.id = secrets.randbelow(1 << 16)
+        query = request.pack()
+        for upstream in self.upstreams:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    answer = await self._ask_udp(upstream, query)
+                    if len(answer) > 2 and answer[2] & 0x02:  # truncated: ask again over TCP
+                        answer = await self._ask_tcp(upstream, query)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+                log.debug("dns upstream %s failed for lookup of %s: %r", upstream, name, exc)
+                continue
+            found = answer_addresses(answer)
+            if found is not None and found[0] == name.rstrip(".").lower():
+                return found[1]
+            return []
+        return []
 
     @staticmethod
     async def _ask_udp(upstream: tuple[str, int], query: bytes) -> bytes:
@@ -319,11 +373,18 @@ async def start_dns_forwarder(
     port: int = DNS_PORT,
     policy: DnsPolicy = allow_all,
     allowed_clients: ipaddress.IPv4Network | None = None,
+    on_answer: Callable[[IPAddress, bytes], None] | None = None,
     timeout: float = 2.0,
 ) -> DnsForwarder:
     """Serve DNS on `bind_ip:port` (UDP and TCP) until the returned handle's `close()`."""
     forwarder = DnsForwarder(
-        bind_ip, upstreams, port=port, policy=policy, allowed_clients=allowed_clients, timeout=timeout
+        bind_ip,
+        upstreams,
+        port=port,
+        policy=policy,
+        allowed_clients=allowed_clients,
+        on_answer=on_answer,
+        timeout=timeout,
     )
     await forwarder.start()
     return forwarder

@@ -7,14 +7,16 @@ names others; `ruleset.inspect_chain_rules`) to this proxy on the gateway. For e
 2. peeks the first bytes the client sends until they name a host (TLS ClientHello SNI or HTTP
    Host header, `sniff.sniff_hostname`), at most `MAX_SNIFF_BYTES` or `sniff_timeout` seconds,
 3. refuses the always-denied ranges whatever the policy says, then asks the sandbox's
-   `EgressPolicy.allows(destination, port, hostname)`: addresses and domains, allow before deny,
-4. if allowed, connects to the original destination, replays the peeked bytes and splices both
+   `EgressPolicy.verdict(destination, port, hostname)`: addresses and domains, allow before deny,
+4. when only the name allows it (`Verdict.ALLOW_BY_NAME`), requires the destination to be an
+   address of that name: one the node's DNS forwarder answered for it to this sandbox (`resolved`,
+   see `resolutions`), else one a fresh resolution through the same upstreams gives (`resolve`).
+   Otherwise the sandbox named an allowed domain while dialling some other address: denied
+   (`decisions["name mismatch"]`). E2B's firewall lets that through; we do not.
+5. if allowed, connects to the original destination, replays the peeked bytes and splices both
    directions (bounded reads, each write drained before the next read: memory per connection is
    bounded and a slow side slows the other), half-closes each direction on EOF;
    if denied, closes the connection.
-
-As E2B's firewall does, the name decides but the destination is the one the sandbox dialled: a
-sandbox can name an allowed domain while connecting elsewhere. docs/network.md says what that means.
 
 Work is bounded: at most `max_connections` at once and `max_per_client` per sandbox (beyond that,
 new connections are closed). The proxy owns every task it starts; `aclose()` ends them all.
@@ -28,9 +30,10 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from corral.node.network.policy import EgressPolicy
+from corral.node.network.policy import EgressPolicy, Verdict
+from corral.node.network.resolutions import Resolution, ResolvedAddresses
 from corral.node.network.sniff import MAX_SNIFF_BYTES, sniff_hostname
 
 __all__ = ["SO_ORIGINAL_DST", "EgressProxy", "original_destination"]
@@ -63,7 +66,9 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 class EgressProxy:
     """One listening socket on `bind_ip`; `policy_of(sandbox_ip)` gives the sandbox's policy (None:
-    not a sandbox of ours, connection closed), `is_denied(ip)` the always-denied check."""
+    not a sandbox of ours, connection closed), `is_denied(ip)` the always-denied check,
+    `resolved` what the DNS forwarder told each sandbox, `resolve(name, ipv6=)` a fresh resolution
+    (None: none; a name not in `resolved` then allows nothing)."""
 
     def __init__(
         self,
@@ -71,6 +76,8 @@ class EgressProxy:
         policy_of: Callable[[IPAddress], EgressPolicy | None],
         is_denied: Callable[[IPAddress], bool],
         *,
+        resolved: ResolvedAddresses | None = None,
+        resolve: Callable[..., Awaitable[list[Resolution]]] | None = None,
         port: int = 0,
         sniff_timeout: float = 5.0,
         connect_timeout: float = 10.0,
@@ -80,6 +87,8 @@ class EgressProxy:
         self.bind_ip = bind_ip
         self.policy_of = policy_of
         self.is_denied = is_denied
+        self.resolved = resolved if resolved is not None else ResolvedAddresses()
+        self.resolve = resolve
         self.port = port
         self.sniff_timeout = sniff_timeout
         self.connect_timeout = connect_timeout
@@ -164,7 +173,18 @@ class EgressProxy:
             log.info("egress proxy: %s -> %s:%s refused (always-denied range)", client, dst, dst_port)
             return None
         head, hostname = await self._sniff(reader)
-        if not policy.allows(dst, dst_port, hostname):
+        verdict = policy.verdict(dst, dst_port, hostname)
+        if verdict is Verdict.ALLOW_BY_NAME and not await self._resolves_to(client, hostname, dst):
+            self.decisions["name mismatch"] += 1
+            log.info(
+                "egress proxy: %s -> %s:%s (%s) denied: not an address of that name",
+                client,
+                dst,
+                dst_port,
+                hostname,
+            )
+            return None
+        if verdict is Verdict.DENY:
             self.decisions["denied"] += 1
             log.info(
                 "egress proxy: %s -> %s:%s (%s) denied by policy",
@@ -190,6 +210,23 @@ class EgressProxy:
             tg.create_task(_pipe(reader, upstream))
             tg.create_task(_pipe(up_reader, writer))
         return upstream
+
+    async def _resolves_to(self, client: IPAddress, hostname: str | None, dst: IPAddress) -> bool:
+        """Whether `dst` is an address of `hostname`: as this sandbox was told, else as the
+        upstreams say now (remembered for the sandbox like an answer it got)."""
+        if hostname is None:
+            return False
+        if self.resolved.resolves_to(client, hostname, dst):
+            return True
+        if self.resolve is None:
+            return False
+        try:
+            found = await self.resolve(hostname, ipv6=dst.version == 6)
+        except Exception:
+            log.exception("egress proxy: resolving %s failed", hostname)
+            return False
+        self.resolved.record(client, hostname, found)
+        return any(address == dst for address, _ in found)
 
     async def _sniff(self, reader: asyncio.StreamReader) -> tuple[bytes, str | None]:
         """The bytes read so far and the name in them. A client that sends nothing in time (a

@@ -48,6 +48,7 @@ from corral.node.network.dns import (
     IPAddress,
     Upstream,
     host_upstreams,
+    parse_upstreams,
     start_dns_forwarder,
 )
 from corral.node.network.egress_proxy import EgressProxy
@@ -77,6 +78,7 @@ from corral.node.network.naming import (
     veth_name,
 )
 from corral.node.network.policy import EgressPolicy, NetworkPolicy
+from corral.node.network.resolutions import Resolution, ResolvedAddresses
 from corral.node.network.ruleset import (
     PortBinding,
     nft_error_is_missing,
@@ -97,7 +99,9 @@ IPv4 = ipaddress.IPv4Address
 class SandboxNetwork:
     """Per-sandbox network namespaces on one bridge of this host (see the package docstring).
 
-    `dns_upstreams`: resolvers the forwarder asks (default: the host's /etc/resolv.conf);
+    `dns_upstreams`: resolvers the forwarder asks (default: `settings.dns_upstreams`, else the
+    host's /etc/resolv.conf); what it answers each sandbox is recorded (`resolved_names`) for the
+    egress proxy's check of connections allowed by their name;
     `dns=False` runs no forwarder (tests of the rules alone); `dns_policy(qname, client)` is
     consulted for every query from a sandbox allowed to resolve; sandboxes without internet access
     get REFUSED unless `dns_without_internet=True`, since DNS would be their one way out; the
@@ -127,6 +131,8 @@ class SandboxNetwork:
         self.netns_prefix = settings.netns_prefix
         self._port_prefix = port_prefix(self.bridge)
         self._dns_enabled = dns
+        if dns_upstreams is None and settings.dns_upstreams:
+            dns_upstreams = parse_upstreams(settings.dns_upstreams)
         self._dns_upstreams = list(dns_upstreams) if dns_upstreams is not None else None
         self._dns_port = dns_port
         self._dns_policy = dns_policy
@@ -151,6 +157,7 @@ class SandboxNetwork:
         self._dns: DnsForwarder | None = None
         self._proxy_enabled = egress_proxy
         self._proxy: EgressProxy | None = None
+        self._resolved = ResolvedAddresses()  # per sandbox address: what DNS told it
         self._state_dir = state_dir or Path("/run/corral") / f"network-{self.bridge}"
         self._policies: dict[str, NetworkPolicy] = {}  # of attached, pending and releasing sandboxes
         self._staged: dict[str, NetworkPolicy] = {}  # set before attach
@@ -184,7 +191,13 @@ class SandboxNetwork:
                 self._policies = {i: self._load_policy(a) for i, a in self._attached.items()}
                 self._forget_other_policies(keep=set(self._attached))
             if self._proxy_enabled and self._proxy is None:
-                self._proxy = EgressProxy(str(self.gateway), self._egress_policy_of, self._is_denied)
+                self._proxy = EgressProxy(
+                    str(self.gateway),
+                    self._egress_policy_of,
+                    self._is_denied,
+                    resolved=self._resolved,
+                    resolve=self._lookup_name,
+                )
                 await self._proxy.start()
                 log.info("egress proxy on %s:%s", self.gateway, self._proxy.port)
             await self._apply_ruleset(host_networks)
@@ -198,6 +211,7 @@ class SandboxNetwork:
                     port=self._dns_port,
                     policy=self._dns_allows,
                     allowed_clients=self.subnet,
+                    on_answer=self._record_answer,
                 )
                 log.info("dns forwarder on %s:%s -> %s", self.gateway, self._dns_port, upstreams)
 
@@ -224,6 +238,7 @@ class SandboxNetwork:
             self._attached.clear()
             self._policies.clear()
             self._host_ready = False
+            self._resolved.clear()
         with contextlib.suppress(OSError):
             for leftover in self._state_dir.glob("*.json"):
                 leftover.unlink()
@@ -249,6 +264,7 @@ class SandboxNetwork:
                     raise AlreadyExists(f"sandbox {sandbox_id} already has a network")
                 ip = allocate_ip(self.subnet, self._used(), after=self._cursor)
                 self._cursor = ip
+                self._resolved.forget(ip)  # answers given to a former holder of the address
                 att = self._attachment(sandbox_id, ip, policy.allow_internet)
                 self._pending[sandbox_id] = att
                 self._policies[sandbox_id] = policy
@@ -299,6 +315,8 @@ class SandboxNetwork:
                     self._staged.pop(sandbox_id, None)
                     if done:
                         self._policies.pop(sandbox_id, None)
+                        if att is not None:
+                            self._resolved.forget(att.ip)
                     elif att is not None:  # still there: a retry must find it
                         self._attached.setdefault(sandbox_id, att)
 
@@ -401,6 +419,18 @@ class SandboxNetwork:
         elif not policy.egress.allows_name(qname):
             return False
         return self._dns_policy(qname, client) if self._dns_policy else True
+
+    def _record_answer(self, client: IPAddress, reply: bytes) -> None:
+        if client != self.gateway and self._policy_of_ip(client) is not None:
+            self._resolved.record_answer(client, reply)
+
+    async def _lookup_name(self, name: str, *, ipv6: bool = False) -> list[Resolution]:
+        return await self._dns.lookup(name, ipv6=ipv6) if self._dns is not None else []
+
+    @property
+    def resolved_names(self) -> ResolvedAddresses:
+        """What the DNS forwarder answered each sandbox (by address), for the egress proxy."""
+        return self._resolved
 
     def _policy_of_ip(self, ip: IPAddress) -> NetworkPolicy | None:
         att = next((a for a in (*self._attached.values(), *self._pending.values()) if a.ip == ip), None)

@@ -15,7 +15,9 @@ Where each part is enforced (see `ruleset` and `egress_proxy`):
 - domains: by the SNI of a TLS ClientHello or the Host of an HTTP request, for TCP to the ports
   of the domain rules (80 and 443 when a rule names none), which are redirected to the node's
   inspecting proxy; the proxy applies the whole policy (addresses too) to those connections;
-- names: the DNS forwarder answers only names the policy allows (`allows_name`).
+- names: the DNS forwarder answers only names the policy allows (`allows_name`);
+- a connection that only its name allows (`Verdict.ALLOW_BY_NAME`) must go to an address that
+  name resolves to (`resolutions`; the proxy checks).
 What no policy can open: the always-denied ranges (`addressing.denied_networks`), checked first.
 
 Domain entries in `denyOut` are accepted here (E2B's API refuses them): they deny matching TLS/HTTP
@@ -28,6 +30,7 @@ Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,6 +46,7 @@ __all__ = [
     "IngressPolicy",
     "NetworkPolicy",
     "PolicyError",
+    "Verdict",
     "match_domain",
     "merge_port_ranges",
     "normalize_hostname",
@@ -62,6 +66,14 @@ _LABEL_RE = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 
 class PolicyError(ValueError):
     """An entry or a combination of entries the API must refuse (400)."""
+
+
+class Verdict(enum.Enum):
+    """A policy's answer for one connection (`EgressPolicy.verdict`)."""
+
+    ALLOW = "allow"  # an address entry allows it, or no entry denies it
+    ALLOW_BY_NAME = "allow by name"  # only a domain entry allows it: the address must be the name's
+    DENY = "deny"
 
 
 def normalize_hostname(name: str) -> str | None:
@@ -251,11 +263,24 @@ class EgressPolicy:
             ranges += [rule.ports] if rule.ports else WEB_PORTS
         return merge_port_ranges(ranges)
 
+    def verdict(self, ip: IPAddress, port: int, hostname: str | None = None) -> Verdict:
+        """The decision for one connection (the always-denied ranges are not this function's job).
+
+        `ALLOW_BY_NAME` when the connection would be denied but for an allow entry matching its
+        name: it may go only to an address that name resolves to (the caller checks, see
+        `resolutions`). A name never narrows what addresses and the default already allow.
+        """
+        if any(r.network is not None and r.matches(ip, port) for r in self.allow):
+            return Verdict.ALLOW
+        if not any(r.matches(ip, port, hostname) for r in self.deny):
+            return Verdict.ALLOW
+        if hostname is not None and any(r.matches(ip, port, hostname) for r in self.allow):
+            return Verdict.ALLOW_BY_NAME
+        return Verdict.DENY
+
     def allows(self, ip: IPAddress, port: int, hostname: str | None = None) -> bool:
-        """The decision for one connection (the always-denied ranges are not this function's job)."""
-        if any(r.matches(ip, port, hostname) for r in self.allow):
-            return True
-        return not any(r.matches(ip, port, hostname) for r in self.deny)
+        """The verdict as a yes/no, trusting the name (`ALLOW_BY_NAME` counts as allowed)."""
+        return self.verdict(ip, port, hostname) is not Verdict.DENY
 
     def allows_name(self, qname: str) -> bool:
         """Whether the DNS forwarder answers `qname` for this sandbox.

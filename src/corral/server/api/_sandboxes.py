@@ -183,7 +183,14 @@ class SandboxRoutes:
         sandbox_id = _sandbox_id(request)
         body = await read_model(request, _ForkBody)
         results = await self._service.fork(team_id, sandbox_id, body.timeout, body.count)
-        return JSONResponse([fork_result_json(r, self._domain) for r in results], status_code=201)
+        token_of = self._service.network_policies.traffic_access_token  # forks keep the parent's setting
+        items = [
+            fork_result_json(
+                r, self._domain, traffic_access_token=None if isinstance(r, Exception) else token_of(r.sandbox_id)
+            )
+            for r in results
+        ]
+        return JSONResponse(items, status_code=201)
 
     async def create_snapshot(self, request: Request) -> Response:
         team_id = await self._auth.team_id(request)

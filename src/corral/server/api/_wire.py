@@ -99,11 +99,13 @@ def snapshot_json(snapshot_id: str, names: list[str]) -> dict[str, Any]:
     return {"snapshotID": snapshot_id, "names": list(names)}
 
 
-def fork_result_json(result: SandboxRow | CorralError, domain: str | None) -> dict[str, Any]:
+def fork_result_json(
+    result: SandboxRow | CorralError, domain: str | None, *, traffic_access_token: str | None = None
+) -> dict[str, Any]:
     """One item of `POST /sandboxes/{id}/fork`: `{"sandbox": Sandbox}` or `{"error": Error}`."""
     if isinstance(result, CorralError):
         return {"error": {"code": result.http_status, "message": result.message}}
-    return {"sandbox": sandbox_json(result, domain)}
+    return {"sandbox": sandbox_json(result, domain, traffic_access_token=traffic_access_token)}
 
 
 def metric_json(row: MetricRow) -> dict[str, Any]:
