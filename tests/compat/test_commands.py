@@ -28,6 +28,8 @@ from e2b.exceptions import (
 )
 from packaging.version import Version
 
+from tests import gvisor
+
 pytestmark = pytest.mark.compat
 
 
@@ -301,6 +303,7 @@ def test_stream_input(sandbox: Sandbox) -> None:
     assert handle.wait().stdout == "one\ntwo\n"
 
 
+@gvisor.STATX
 def test_fifty_megabytes_intact_in_order_with_bounded_server_memory(
     sandbox: Sandbox, corral_server: Any
 ) -> None:

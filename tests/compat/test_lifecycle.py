@@ -14,6 +14,7 @@ from e2b.exceptions import NotFoundException, SandboxException, SandboxNotFoundE
 
 pytestmark = pytest.mark.compat
 
+# Read with a command: on gVisor /proc lives in the Sentry, where envd's file API does not reach.
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
@@ -36,7 +37,7 @@ def _health(server, sandbox_id: str) -> int:
 
 def test_pause_keeps_processes_memory_and_files(sandbox: Sandbox, e2b_env) -> None:
     sandbox.files.write("/home/user/before.txt", "kept")
-    boot = sandbox.files.read(BOOT_ID)
+    boot = sandbox.commands.run(f"cat {BOOT_ID}").stdout
     counter = sandbox.commands.run(
         "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done", background=True
     )
@@ -58,7 +59,7 @@ def test_pause_keeps_processes_memory_and_files(sandbox: Sandbox, e2b_env) -> No
     assert resumed._envd_access_token == token
     assert resumed.is_running()
     assert resumed.files.read("/home/user/before.txt") == "kept"
-    assert resumed.files.read(BOOT_ID) == boot  # memory kept: the same boot
+    assert resumed.commands.run(f"cat {BOOT_ID}").stdout == boot  # memory kept: the same boot
     assert counter.pid in {p.pid for p in resumed.commands.list()}
     assert _wait(lambda: resumed.files.read("/tmp/count") != frozen_at)
 
@@ -72,7 +73,7 @@ def e2b_env_home_read(sandbox_id: str, path: str) -> str:
 
 def test_pause_without_memory_cold_boots_and_keeps_files(sandbox: Sandbox, e2b_env) -> None:
     sandbox.files.write("/home/user/fs-only-marker.txt", "persisted")
-    boot = sandbox.files.read(BOOT_ID).strip()
+    boot = sandbox.commands.run(f"cat {BOOT_ID}").stdout.strip()
     sandbox.commands.run("sleep 1000", background=True)
 
     assert sandbox.pause(keep_memory=False) is True
@@ -83,7 +84,7 @@ def test_pause_without_memory_cold_boots_and_keeps_files(sandbox: Sandbox, e2b_e
     resumed = sandbox.connect()
     assert resumed.is_running()
     assert resumed.files.read("/home/user/fs-only-marker.txt") == "persisted"
-    assert resumed.files.read(BOOT_ID).strip() != boot
+    assert resumed.commands.run(f"cat {BOOT_ID}").stdout.strip() != boot
     assert "sleep 1000" not in resumed.commands.run("ps -eo args").stdout
     assert resumed.commands.run("whoami").stdout == "user\n"
 
@@ -137,12 +138,12 @@ def test_timeout_pauses_when_asked_and_keeps_memory(e2b_env) -> None:
     try:
         info = sbx.get_info()
         assert info.lifecycle == {"on_timeout": "pause", "auto_resume": False}
-        boot = sbx.files.read(BOOT_ID)
+        boot = sbx.commands.run(f"cat {BOOT_ID}").stdout
         sbx.set_timeout(0)  # the timeout auto-pause happens now
         assert _wait(lambda: not sbx.is_running())
         assert sbx.get_info().state == SandboxState.PAUSED
         resumed = sbx.connect()
-        assert resumed.files.read(BOOT_ID) == boot
+        assert resumed.commands.run(f"cat {BOOT_ID}").stdout == boot
     finally:
         sbx.kill()
 
@@ -151,11 +152,11 @@ def test_timeout_pause_without_memory_reboots(e2b_env) -> None:
     sbx = Sandbox.create(timeout=2, lifecycle={"on_timeout": {"action": "pause", "keep_memory": False}})
     try:
         sbx.files.write("/home/user/auto-pause-marker.txt", "marker")
-        boot = sbx.files.read(BOOT_ID)
+        boot = sbx.commands.run(f"cat {BOOT_ID}").stdout
         assert _wait(lambda: Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED, timeout=10)
         resumed = sbx.connect()
         assert resumed.files.read("/home/user/auto-pause-marker.txt") == "marker"
-        assert resumed.files.read(BOOT_ID) != boot
+        assert resumed.commands.run(f"cat {BOOT_ID}").stdout != boot
     finally:
         sbx.kill()
 

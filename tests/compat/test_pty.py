@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from e2b import AsyncSandbox, CommandExitException, PtySize, Sandbox
 
+from tests import gvisor
+
 pytestmark = pytest.mark.compat
 
 
@@ -47,6 +49,7 @@ async def asandbox(e2b_env: Any) -> AsyncIterator[AsyncSandbox]:
         await sbx.kill()
 
 
+@gvisor.HOST_PTY
 async def test_pty_size_term_resize_and_exit(asandbox: AsyncSandbox) -> None:
     screen = Screen()
     terminal = await asandbox.pty.create(PtySize(rows=24, cols=80), on_data=screen.feed)
@@ -93,6 +96,7 @@ async def test_pty_user_cwd_envs(asandbox: AsyncSandbox) -> None:
     assert b"root:/tmp:hi\r\n" in screen.data
 
 
+@gvisor.HOST_PTY
 async def test_pty_keeps_running_a_foreground_job_after_kill_of_the_shell(asandbox: AsyncSandbox) -> None:
     screen = Screen()
     terminal = await asandbox.pty.create(PtySize(rows=24, cols=80), on_data=screen.feed)

@@ -17,6 +17,7 @@ import pytest
 from e2b import Sandbox, Template, wait_for_port
 from e2b.exceptions import BuildException, TemplateException
 
+from tests import gvisor
 from tests.conftest import TEST_HOME
 
 pytestmark = pytest.mark.compat
@@ -51,6 +52,7 @@ def test_base_exists_and_unknown_names_do_not(e2b_env) -> None:
     assert Template.exists(f"nonexistent-{uuid.uuid4()}") is False
 
 
+@gvisor.STATX
 def test_build_then_create_sees_the_files_and_a_rebuild_is_all_cache(e2b_env, created) -> None:
     name = _name()
     run = uuid.uuid4().hex  # steps nobody built before: the first build does real work
@@ -93,6 +95,7 @@ def test_build_then_create_sees_the_files_and_a_rebuild_is_all_cache(e2b_env, cr
     assert sandbox.files.read("/home/user/greeting.txt") == "hello again, /root/x\n"  # ENV evaluated as root
 
 
+@gvisor.STATX
 def test_copy_uploads_files_with_owner_mode_and_dockerignore(e2b_env, created, tmp_path: Path) -> None:
     (tmp_path / "folder" / "sub").mkdir(parents=True)
     (tmp_path / "folder" / "test.txt").write_text("This is a test file.")
@@ -233,6 +236,7 @@ def test_build_in_background_and_status(e2b_env) -> None:
     assert status.status.value == "ready"
 
 
+@gvisor.NO_SUDO
 def test_debian_image_gets_the_default_user_and_runs_steps(e2b_env, created) -> None:
     name = _name()
     template = Template().from_debian_image("bookworm").run_cmd("whoami > /tmp/me && cat /etc/debian_version")
@@ -245,6 +249,7 @@ def test_debian_image_gets_the_default_user_and_runs_steps(e2b_env, created) -> 
     assert sandbox.commands.run("sudo -n true && echo sudo-ok").stdout == "sudo-ok\n"
 
 
+@gvisor.STATX
 def test_sandboxes_start_in_the_template_workdir_as_its_user(e2b_env, created) -> None:
     """A template's WORKDIR and USER are the defaults of its sandboxes' processes and files."""
     template = Template().from_template("base").run_cmd("mkdir -p /opt/work && chmod 777 /opt/work", user="root")

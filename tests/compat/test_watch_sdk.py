@@ -27,6 +27,7 @@ from e2b import (
     SandboxException,
 )
 
+from tests import gvisor
 from tests.conftest import ServerProcess
 
 pytestmark = pytest.mark.compat
@@ -95,6 +96,7 @@ def test_new_file_upload_gives_exactly_create_chmod_write_at_once(sbx: Sandbox) 
         handle.get_new_events()
 
 
+@gvisor.GOFER_ATTRIB
 def test_events_from_sandbox_processes_and_entries(sbx: Sandbox) -> None:
     d = _dir(sbx)
     handle = sbx.files.watch_dir(d, include_entry=True)

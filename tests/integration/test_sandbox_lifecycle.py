@@ -3,6 +3,7 @@ re-adopts running sandboxes, and bad input gets clear errors."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -32,8 +33,9 @@ def _host_traces(sandbox_id: str) -> list[str]:
         found.append("netns")
     if (TEST_HOME / "sandboxes" / sandbox_id).exists():
         found.append("sandbox dir")
-    crun = subprocess.run(["crun", "--root", str(TEST_HOME / "runtime"), "list", "-q"], capture_output=True, text=True).stdout
-    if sandbox_id in crun.split():
+    runtime = os.environ.get("CORRAL_RUNTIME", "crun")  # the test server's (runsc: `make test`'s second pass)
+    containers = subprocess.run([runtime, "--root", str(TEST_HOME / "runtime"), "list", "--quiet"], capture_output=True, text=True).stdout
+    if sandbox_id in containers.split():
         found.append("container")
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     if sandbox_id in ps:

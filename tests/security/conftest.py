@@ -4,8 +4,8 @@ server on gVisor (`runsc`), and a neighbour-latency probe.
 The runsc server gets its own home, bridge and subnet, derived from the test ones so that runs on
 one machine stay apart: `<test home>-runsc`, `<test bridge>g`, and the test subnet moved up by 32 in
 its second octet (10.202/16 → 10.234/16), each overridable with CORRAL_TEST_RUNSC_HOME /
-CORRAL_TEST_RUNSC_BRIDGE / CORRAL_TEST_RUNSC_SUBNET. The user-namespace server likewise uses
-`-userns`, `<bridge>u` and +64 (CORRAL_TEST_USERNS_*).
+CORRAL_TEST_RUNSC_BRIDGE / CORRAL_TEST_RUNSC_SUBNET. User namespaces are on by default, so
+`userns_server` is the test server itself.
 """
 
 from __future__ import annotations
@@ -46,9 +46,6 @@ RUNSC_HOME = Path(os.environ.get("CORRAL_TEST_RUNSC_HOME", f"{TEST_HOME}-runsc")
 RUNSC_BRIDGE = os.environ.get("CORRAL_TEST_RUNSC_BRIDGE", TEST_BRIDGE[:14] + "g")
 RUNSC_SUBNET = os.environ.get("CORRAL_TEST_RUNSC_SUBNET", _shifted_subnet(TEST_SUBNET))
 DEFAULT_RUNTIME = os.environ.get("CORRAL_RUNTIME", "crun")
-USERNS_HOME = Path(os.environ.get("CORRAL_TEST_USERNS_HOME", f"{TEST_HOME}-userns"))
-USERNS_BRIDGE = os.environ.get("CORRAL_TEST_USERNS_BRIDGE", TEST_BRIDGE[:14] + "u")
-USERNS_SUBNET = os.environ.get("CORRAL_TEST_USERNS_SUBNET", _shifted_subnet(TEST_SUBNET, 64))
 
 
 @pytest.fixture(scope="session")
@@ -78,23 +75,14 @@ def runsc_server(corral_server: ServerProcess) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture(scope="session")
-def userns_server(corral_server: ServerProcess) -> Iterator[ServerProcess]:
-    """A third real server with CORRAL_USERNS=1 (sandbox uids in a user namespace), on crun."""
+def userns_server(corral_server: ServerProcess) -> ServerProcess:
+    """The test server, whose sandboxes run in user namespaces (the default on crun); skipped when
+    the suite runs on runsc or with CORRAL_USERNS=0."""
     if DEFAULT_RUNTIME != "crun":
-        pytest.skip("user namespaces are implemented for crun")
-    USERNS_HOME.mkdir(parents=True, exist_ok=True)
-    ensure_test_template(USERNS_HOME)
-    server = ServerProcess(
-        _free_port(), home=USERNS_HOME, bridge=USERNS_BRIDGE, subnet=USERNS_SUBNET,
-        env={"CORRAL_USERNS": "1", "CORRAL_RUNTIME": "crun"},
-    )  # fmt: skip
-    server.start()
-    try:
-        yield server
-    finally:
-        with contextlib.suppress(Exception):
-            server.kill_all_sandboxes()
-        server.stop()
+        pytest.skip("host user namespaces are for crun (gVisor has its own)")
+    if os.environ.get("CORRAL_USERNS", "").strip().lower() in ("0", "false", "no", "off"):
+        pytest.skip("CORRAL_USERNS=0: user namespaces are switched off")
+    return corral_server
 
 
 @pytest.fixture(params=["default", "runsc"])
@@ -122,7 +110,7 @@ def make_sandbox(corral_server: ServerProcess) -> Iterator[SandboxFactory]:
 
     def make(server: ServerProcess | None = None, **kwargs: object) -> Sandbox:
         kwargs.setdefault("timeout", 300)
-        sbx = Sandbox.create(**sdk_opts(server or corral_server), **kwargs)
+        sbx = Sandbox.create(**{**sdk_opts(server or corral_server), **kwargs})  # kwargs may name another api_key
         made.append(sbx)
         return sbx
 

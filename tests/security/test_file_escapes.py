@@ -29,6 +29,7 @@ import httpx
 import pytest
 from e2b import AsyncSandbox, InvalidArgumentException, Sandbox
 
+from tests import gvisor
 from tests.conftest import ServerProcess
 
 pytestmark = [pytest.mark.compat, pytest.mark.integration]
@@ -199,6 +200,7 @@ def test_bad_paths_are_refused(sbx: Sandbox, e2b_env: ServerProcess, untouched: 
     assert sbx.files.read(f"{untouched}/canary.txt") == "pwned"
 
 
+@gvisor.FIFO
 def test_fifos_and_devices_neither_block_nor_open(sbx: Sandbox) -> None:
     _run_root(sbx, "mkfifo /home/user/fifo && ln -sf /dev/zero /home/user/zero")
     started = time.monotonic()

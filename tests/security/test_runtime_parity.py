@@ -13,7 +13,7 @@ import subprocess
 import time
 
 import pytest
-from e2b import CommandExitException, PtySize, Sandbox
+from e2b import CommandExitException, PtySize, Sandbox, TimeoutException
 
 from tests.conftest import ServerProcess
 from tests.security.conftest import DEFAULT_RUNTIME, SandboxFactory, sdk_opts
@@ -125,3 +125,20 @@ def test_sudo_works_only_where_setuid_can(
         assert sbx.commands.run("id -u", user="root").stdout == "0\n"
     else:
         assert sbx.commands.run("sudo -n id -u").stdout == "0\n"
+
+
+def test_a_hostile_sh_cannot_stall_signals(runtime_server: ServerProcess, make_sandbox: SandboxFactory) -> None:
+    """HostDoS: on runsc a signal reaches a command's process group through `kill` run by the
+    sandbox's own /bin/sh. Made endless and chatty (`yes`), it must neither stall the server nor
+    stop the timed-out command from being killed."""
+    sbx = make_sandbox(runtime_server)
+    sbx.commands.run("ln -sf /usr/bin/yes /bin/sh", user="root")
+    with pytest.raises(TimeoutException):
+        sbx.commands.run("sleep 30", timeout=1.5)
+    started = time.monotonic()
+    assert sbx.commands.run("echo still-served").stdout == "still-served\n"
+    assert time.monotonic() - started < 3
+    deadline = time.monotonic() + 10
+    while "sleep 30" in sbx.commands.run("ps -eo args").stdout and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "sleep 30" not in sbx.commands.run("ps -eo args").stdout

@@ -19,6 +19,7 @@ class Manifest:
     cpu_count: int = 2
     memory_mb: int = 512
     disk_size_mb: int = 2048
+    runtime: str | None = None
 
 
 class FakeTemplates:
@@ -120,6 +121,29 @@ async def test_a_refill_waits_for_a_quiet_moment() -> None:
             await asyncio.sleep(0.01)
         assert node.created == 0
         await _until(lambda: node.created == 1, timeout=1.0)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_pooled_sandboxes_boot_on_their_template_runtime() -> None:
+    """A template with its own runtime (runsc) gets pooled sandboxes booted on it, and a claim for
+    one runtime never hands out a sandbox booted on another."""
+    gvisor = Manifest("gvisor", ("a" * 64,), runtime="runsc")
+    node, templates = FakeNode(), FakeTemplates(gvisor)
+    pool = WarmPool(node, templates, PoolConfig(size=1, templates=("gvisor",)))
+    pool.quiet_s, pool.max_defer_s = 0.0, 0.0
+    runner = asyncio.ensure_future(pool.run())
+    try:
+        await _until(lambda: pool.ready_count() == 1)
+        assert [spec.runtime for spec in node.pooled.values()] == ["runsc"]
+        assert pool.claim(dataclasses.replace(gvisor, runtime=None)) is None  # not for another runtime
+        claimed = pool.claim(gvisor)
+        assert claimed is not None and node.pooled[claimed].runtime == "runsc"
+        rebuilt = dataclasses.replace(gvisor, runtime=None)  # rebuilt for the server's default
+        templates.by_name["gvisor"] = rebuilt
+        assert pool.claim(rebuilt) is None  # the miss wakes the pool
+        await _until(lambda: any(spec.runtime == "" for spec in node.pooled.values()))
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)

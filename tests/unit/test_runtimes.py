@@ -132,3 +132,40 @@ def test_fill_cpuset_parents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert (root / "corral-x" / "cpuset.mems").read_text() == "0"
     assert not (root / "corral-x" / "sandbox1").exists()  # the leaf is the runtime's
     fill_cpuset_parents("/x/y", tmp_path / "no-cpuset")  # no v1 cpuset: nothing to do
+
+
+def test_a_template_names_a_runtime_never_a_binary() -> None:
+    from corral.core.errors import InvalidArgument
+    from corral.node.runtime.runtimes import runtime_name
+
+    assert [runtime_name(n) for n in ("crun", "runc", " runsc ")] == ["crun", "runc", "runsc"]
+    for bad in ("", "docker", "/usr/bin/runsc", "../crun", "RUNSC", "runsc --debug"):
+        with pytest.raises(InvalidArgument, match="unknown runtime"):
+            runtime_name(bad)
+
+
+def test_each_runtime_has_its_own_state_root() -> None:
+    from corral.node.runtime.runtimes import state_root_for
+
+    root = Path("/var/lib/corral/runtime")
+    assert state_root_for(root, "crun", "crun") == root
+    assert state_root_for(root, "crun", "runsc") == Path("/var/lib/corral/runtime-runsc")
+    assert state_root_for(root, "runsc", "runsc") == root  # a runsc server's own, as before
+    assert state_root_for(root, "runsc", "crun") == Path("/var/lib/corral/runtime-crun")
+
+
+def test_runtime_record_round_trip(tmp_path: Path) -> None:
+    from corral.node.runtime.runtimes import (
+        RUNTIME_RECORD_FILE,
+        RuntimeRecord,
+        read_runtime_record,
+        write_runtime_record,
+    )
+
+    assert read_runtime_record(tmp_path) is None  # sandboxes from before records: the default
+    record = RuntimeRecord("runsc", tmp_path / "runtime-runsc")
+    write_runtime_record(tmp_path, record)
+    assert read_runtime_record(tmp_path) == record
+    for junk in ("{", '{"name": "runsc"}', '{"name": "runsc", "state_root": "relative/dir"}', "[]"):
+        (tmp_path / RUNTIME_RECORD_FILE).write_text(junk)
+        assert read_runtime_record(tmp_path) is None

@@ -1,4 +1,4 @@
-"""`corral` — the command line: `corral server`, `corral setup` and `corral sandbox ...`.
+"""`corral` — the command line: `corral server`, `corral setup`, `corral sandbox|template|team ...`.
 
 This module only assembles the commands; each group lives in its own module.
 """
@@ -9,6 +9,7 @@ import typer
 
 from corral.cli.sandbox import app as sandbox_app
 from corral.cli.server import server, setup
+from corral.cli.team import app as team_app
 from corral.cli.template import app as template_app
 
 __all__ = ["app"]
@@ -18,6 +19,7 @@ app.command()(setup)
 app.command()(server)
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(template_app, name="template")
+app.add_typer(team_app, name="team")
 
 
 if __name__ == "__main__":

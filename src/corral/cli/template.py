@@ -267,6 +267,10 @@ def build(
         str, typer.Option("--object", help="The variable of a Python file that holds the template")
     ] = "template",
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Build every step again")] = False,
+    runtime: Annotated[
+        str | None,
+        typer.Option(help="OCI runtime of its sandboxes: crun, runc or runsc (gVisor) [default: the server's]"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="No live output; print the build as JSON")] = False,
 ) -> None:
     """Build a template from a Dockerfile or a Python file, showing its log and steps live."""
@@ -282,6 +286,7 @@ def build(
                 cpu_count=cpu_count,
                 memory_mb=memory_mb,
                 skip_cache=no_cache,
+                runtime=runtime,
                 **options,
             )
         print_json(info)
@@ -300,6 +305,7 @@ def build(
                     memory_mb=memory_mb,
                     skip_cache=no_cache,
                     on_build_logs=view.on_log,
+                    runtime=runtime,
                     **options,
                 )
             except BuildException as exc:

@@ -36,3 +36,4 @@ class SandboxSpec:
     env_vars: tuple[tuple[str, str], ...] = ()
     allow_internet_access: bool = True
     access_token: str | None = None
+    runtime: str = ""  # OCI runtime name (a template's choice); "" = the template's, else the server's

@@ -13,7 +13,10 @@ Precedence: explicit argument (CLI flag) > environment variable > default.
 | CORRAL_SUBNET    | 10.201.0.0/16      | private pool sandbox addresses come from             |
 | CORRAL_RUNTIME   | crun               | OCI runtime binary                                   |
 | CORRAL_ALLOW_VULNERABLE_RUNTIME | off | run on a runtime with known escapes anyway      |
-| CORRAL_USERNS    | off                | sandbox uids in a user namespace (experimental)      |
+| CORRAL_USERNS    | on                 | new sandboxes in a user namespace (crun; 0 = off)    |
+| CORRAL_EXEC_AGENT | on                | crun: sandboxes' PID 1 forks commands (no `crun exec`) |
+| CORRAL_INIT_BINARY | /usr/local/libexec/corral/corral-init | that PID 1 (native/corral-init.c) |
+| CORRAL_DNS_UPSTREAMS | /etc/resolv.conf's | resolvers sandboxes' DNS goes to: `ip[:port],...`  |
 """
 
 from __future__ import annotations
@@ -37,7 +40,10 @@ _ENV = {
     "subnet": ("CORRAL_SUBNET", ipaddress.IPv4Network, ipaddress.IPv4Network("10.201.0.0/16")),
     "runtime": ("CORRAL_RUNTIME", str, "crun"),
     "allow_vulnerable_runtime": ("CORRAL_ALLOW_VULNERABLE_RUNTIME", bool, False),
-    "userns": ("CORRAL_USERNS", bool, False),
+    "userns": ("CORRAL_USERNS", bool, True),
+    "exec_agent": ("CORRAL_EXEC_AGENT", bool, True),
+    "init_binary": ("CORRAL_INIT_BINARY", Path, Path("/usr/local/libexec/corral/corral-init")),
+    "dns_upstreams": ("CORRAL_DNS_UPSTREAMS", str, None),
 }
 
 
@@ -62,7 +68,10 @@ class Settings:
     subnet: ipaddress.IPv4Network
     runtime: str
     allow_vulnerable_runtime: bool = False
-    userns: bool = False
+    userns: bool = True
+    exec_agent: bool = True  # with a runtime that has the trait (corral.node.runtime.agent)
+    init_binary: Path = Path("/usr/local/libexec/corral/corral-init")  # built by scripts/bootstrap.sh
+    dns_upstreams: str | None = None  # comma-separated ip[:port]; None: the host's resolv.conf
 
     @property
     def db_url(self) -> str:

@@ -24,8 +24,8 @@ Refills run one sandbox at a time in one task (`run`), so a pool never takes mor
 worth of create work; after a failure it backs off (1 s doubling to 60 s). A refill waits for a
 quiet moment: `QUIET_S` without requests (`note_activity`, called for every request), or at most
 `MAX_DEFER_S`, so that the exec and kill that usually follow a create do not compete with it for
-the CPU. A template that was rebuilt (its layers or resources changed) gets fresh sandboxes; stale
-ones are destroyed.
+the CPU. A template that was rebuilt (its layers, resources or runtime changed) gets fresh sandboxes;
+stale ones are destroyed.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ class PoolKey:
     cpu_count: int
     memory_mb: int
     disk_size_mb: int
+    runtime: str = ""  # the template's OCI runtime ("" = the server's default)
 
 
 def pool_key(manifest: Any) -> PoolKey:
@@ -98,6 +99,7 @@ def pool_key(manifest: Any) -> PoolKey:
         cpu_count=manifest.cpu_count,
         memory_mb=manifest.memory_mb,
         disk_size_mb=manifest.disk_size_mb,
+        runtime=getattr(manifest, "runtime", None) or "",
     )
 
 
@@ -112,6 +114,7 @@ def pooled_spec(key: PoolKey) -> SandboxSpec:
         disk_size_mb=key.disk_size_mb,
         allow_internet_access=True,
         access_token=new_access_token(),  # never handed out; replaced at claim
+        runtime=key.runtime,
     )
 
 

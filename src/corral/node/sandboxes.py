@@ -8,6 +8,8 @@ A sandbox on disk, `sandboxes/<id>/`:
   rootfs/              the overlay mount (template layers + disk/upper)
   etc/                 hostname, hosts, resolv.conf bound into it
   boot_id, cpuinfo, cpu_online   files bound over the kernel's (see `corral.node.runtime.oci`)
+  idmap                its user namespace's host id range (`corral.node.runtime.idmap`), chosen at
+                       creation; none: it runs without one (made with CORRAL_USERNS=0, or runsc)
 (Sandboxes made before disk images existed have upper/ and work/ directly in the directory.)
 Its network namespace and veth are named after the bridge and the id.
 
@@ -39,6 +41,7 @@ import logging
 import os
 import resource
 import shutil
+import socket
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -63,9 +66,11 @@ from corral.node.envd.confined import ConfinedRoot
 from corral.node.envd.context import EnvdSandbox
 from corral.node.envd.process import ProcessTable
 from corral.node.network import resolv_conf_text
+from corral.node.runtime.agent import AGENT_SOCKET, AgentSpawner, listen_agent_socket
 from corral.node.runtime.crun import OciRuntime, RuntimeSpawner
 from corral.node.runtime.idmap import (
     IdMap,
+    allow_low_ports,
     idmapped_layers,
     pick_base,
     read_idmap,
@@ -73,7 +78,17 @@ from corral.node.runtime.idmap import (
     write_idmap,
 )
 from corral.node.runtime.oci import BOOT_ID_PATH, CPU_ONLINE_PATH, CPUINFO_PATH, build_sandbox_config
-from corral.node.runtime.runtimes import fill_cpuset_parents, unsafe_mount_targets
+from corral.node.runtime.runtimes import (
+    TRAITS,
+    RuntimeRecord,
+    check_runtime,
+    fill_cpuset_parents,
+    read_runtime_record,
+    runtime_name,
+    state_root_for,
+    unsafe_mount_targets,
+    write_runtime_record,
+)
 from corral.node.storage.commit import commit_layer
 from corral.node.storage.disk import DiskPlan, create_disk, disk_plan, disk_usage, mount_disk
 from corral.node.storage.mounts import Mount, apply_mount, is_mountpoint, overlay_mount, unmount
@@ -118,6 +133,8 @@ class SandboxHandle:
     netns_path: str = ""
     status: NodeStatus = NodeStatus.RUNNING
     cpus: tuple[int, ...] = ()
+    runtime: OciRuntime | None = None  # the runtime that runs it (None: the node's default)
+    id_map: IdMap | None = None  # its user namespace, chosen at creation (None: host ids = sandbox ids)
 
     @property
     def sandbox_id(self) -> str:
@@ -161,6 +178,30 @@ def _init_binary() -> str:
     raise Unavailable("no init for sandboxes: install the 'catatonit' package")
 
 
+def _agent_binary(settings: Settings, default_runtime: OciRuntime) -> str:
+    """The exec agent (native/corral-init.c) when enabled; "" when disabled, or missing while the
+    default runtime does not need it (sandboxes then get catatonit and `<runtime> exec`)."""
+    if not settings.exec_agent:
+        return ""
+    if os.access(settings.init_binary, os.X_OK):
+        return str(settings.init_binary)
+    if not default_runtime.traits.exec_agent:
+        return ""
+    raise Unavailable(
+        f"no exec agent for sandboxes at {settings.init_binary}: build it with scripts/bootstrap.sh "
+        "(make setup), point CORRAL_INIT_BINARY at it, or set CORRAL_EXEC_AGENT=0"
+    )
+
+
+def _listen_for_agent(socket_path: Path, agent: bool) -> socket.socket | None:
+    """The exec agent's listening socket (None without an agent: then no socket file either, which
+    is how `_attach_envd` tells, also after a restart, that a sandbox has no agent)."""
+    if agent:
+        return listen_agent_socket(socket_path)
+    socket_path.unlink(missing_ok=True)
+    return None
+
+
 def _etc_files(spec: SandboxSpec, settings: Settings) -> dict[str, str]:
     return {
         "hostname": f"{spec.sandbox_id}\n",
@@ -181,17 +222,24 @@ class Node:
 
     def __init__(self, settings: Settings, runtime: OciRuntime, network: Any, templates: Any) -> None:
         self.settings = settings
-        self.runtime = runtime
+        self.runtime = runtime  # the server's default runtime
+        # Every runtime this node has used, by (name, state root): the default, and those that
+        # templates asked for (`runtime_named`) or that recorded sandboxes name.
+        self._runtimes: dict[RuntimeRecord, OciRuntime] = {self._record_of(runtime): runtime}
+        self._checked_runtimes: set[str] = {runtime.traits.name}  # passed `check_runtime` (cli/server)
         self.network = network
         self.templates = templates
         self._sandboxes: dict[str, SandboxHandle] = {}
         self._nofile_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         self._init_binary = ""
+        self._agent_binary = ""  # "" = no exec agent (see `_agent_binary`)
         self._host_cpus = host_cpus()
         self._host_cpuinfo = ""
         self.waker: Waker | None = None  # installed by the control plane: resume on traffic
         self.local_envd: Any = None  # installed by the server: envd at localhost:49983 in each sandbox
         self._retiring: dict[str, tuple[SandboxHandle | None, asyncio.Task[None]]] = {}  # background teardowns
+        self._creating: dict[str, SandboxSpec] = {}  # creates in progress (their layers are being mounted)
+        self._id_maps: dict[str, IdMap] = {}  # user-namespace slots of the sandbox directories here
 
     @property
     def cgroup_parent(self) -> str:
@@ -199,9 +247,11 @@ class Node:
 
     async def start(self) -> None:
         self._init_binary = _init_binary()
+        self._agent_binary = _agent_binary(self.settings, self.runtime)
         self._host_cpuinfo = _read_host_cpuinfo()
         for path in (self.settings.sandboxes_dir, self.settings.runtime_root):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _make_home_private(self.settings.home, self.settings.sandboxes_dir)
         await self.network.ensure_host()
 
     async def close(self) -> None:
@@ -241,6 +291,73 @@ class Node:
     def by_ip(self, ip: str) -> SandboxHandle | None:
         return next((h for h in self._sandboxes.values() if h.ip == ip), None)
 
+    # -- runtimes --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _record_of(runtime: OciRuntime) -> RuntimeRecord:
+        return RuntimeRecord(runtime.traits.name, runtime.state_root)
+
+    def _runtime_at(self, record: RuntimeRecord) -> OciRuntime:
+        """The runtime of a record (made on first use; the default's binary for the default)."""
+        runtime = self._runtimes.get(record)
+        if runtime is None:
+            runtime = self._runtimes[record] = OciRuntime(record.name, record.state_root)
+        return runtime
+
+    async def runtime_named(self, name: str) -> OciRuntime:
+        """The runtime a template names, checked like the default one is at server start
+        (installed, no open escape advisory unless allowed). InvalidArgument for an unknown name,
+        FailedPrecondition when it is missing or refused."""
+        name = runtime_name(name)
+        if name == self.runtime.traits.name:
+            return self.runtime
+        if name not in self._checked_runtimes:
+            allow = self.settings.allow_vulnerable_runtime
+            checked, warnings = await asyncio.to_thread(check_runtime, name, allow_vulnerable=allow)
+            for warning in warnings:
+                log.warning("runtime %s for templates: %s", checked.label, warning)
+            self._checked_runtimes.add(name)
+        root = state_root_for(self.settings.runtime_root, self.runtime.traits.name, name)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return self._runtime_at(RuntimeRecord(name, root))
+
+    async def _runtime_for(self, spec: SandboxSpec) -> OciRuntime:
+        """The spec's runtime, else its template's, else the default."""
+        name = spec.runtime
+        if not name:
+            try:
+                name = getattr(self.templates.get(spec.template_id), "runtime", None) or ""
+            except CorralError:  # a deleted template (a fork of one of its sandboxes)
+                name = ""
+        return await self.runtime_named(name) if name else self.runtime
+
+    def _recorded_runtime(self, sandbox_dir: Path) -> OciRuntime:
+        """The runtime a sandbox's directory records; the default for sandboxes without a record."""
+        record = read_runtime_record(sandbox_dir)
+        return self.runtime if record is None else self._runtime_at(record)
+
+    def runtime_of(self, sandbox_id: str) -> OciRuntime:
+        """The runtime that runs (or ran) a sandbox."""
+        handle = self._sandboxes.get(sandbox_id)
+        if handle is not None:
+            return self.runtime_of_handle(handle)
+        return self._recorded_runtime(self.settings.sandboxes_dir / sandbox_id)
+
+    def runtime_of_handle(self, handle: SandboxHandle) -> OciRuntime:
+        return handle.runtime if handle.runtime is not None else self.runtime
+
+    def _known_runtimes(self) -> list[OciRuntime]:
+        """Runtimes whose containers may exist: the default, those recorded by sandbox
+        directories, and those with a state root of their own (`runtime-<name>` beside it)."""
+        for sandbox_id in self._sandbox_dirs():
+            self._recorded_runtime(self.settings.sandboxes_dir / sandbox_id)
+        default_root = self.settings.runtime_root
+        for name in TRAITS:
+            root = state_root_for(default_root, self.runtime.traits.name, name)
+            if root != default_root and root.is_dir():
+                self._runtime_at(RuntimeRecord(name, root))
+        return list(self._runtimes.values())
+
     async def wake(self, sandbox_id: str) -> bool:
         """Traffic reached a sandbox this node does not serve: ask the control plane to resume it
         (it does so only for frozen sandboxes with auto-resume). True when it is served now."""
@@ -258,16 +375,25 @@ class Node:
     async def create(self, spec: SandboxSpec, *, pooled: bool = False) -> SandboxHandle:
         """Boot a new sandbox. `pooled`: for the warm pool, held but not served until `serve`."""
         path = self.settings.sandboxes_dir / spec.sandbox_id
+        self._creating[spec.sandbox_id] = spec
         try:
             return await self._create(spec, path, pooled)
         except BaseException:
             await self._cleanup(spec.sandbox_id)
             raise
+        finally:
+            self._creating.pop(spec.sandbox_id, None)
 
     async def _create(self, spec: SandboxSpec, path: Path, pooled: bool) -> SandboxHandle:
         # File system work runs in threads: under many creates at once the host file system's
         # journal makes a mkdir or a small write wait for ms, which would stall every request.
+        runtime = await self._runtime_for(spec)
         await asyncio.to_thread(_make_dirs, path, ("rootfs", "etc"))
+        await asyncio.to_thread(write_runtime_record, path, self._record_of(runtime))
+        id_map = None
+        if self.settings.userns and runtime.traits.user_namespace:  # sandbox root is not host root
+            id_map = self._new_id_map(spec.sandbox_id)
+            await asyncio.to_thread(write_idmap, path, id_map)
         golden_dir = self.settings.home / "disk-images"  # fresh images are copied from here (storage.disk)
         layout = _Layout(path, disk_plan(path, spec.disk_size_mb, golden_dir) if spec.disk_size_mb > 0 else None)
         # The disk (mkfs) and the network (ip, bridge, nft) are independent: made side by side.
@@ -292,6 +418,8 @@ class Node:
             envd=None,
             netns_path=attachment.netns_path,
             status=NodeStatus.STOPPED,
+            runtime=runtime,
+            id_map=id_map,
         )
         await self._boot(handle, layout)
         if pooled:
@@ -331,10 +459,16 @@ class Node:
             for sub in (layout.upper, layout.work):
                 sub.mkdir(exist_ok=True)
         layers = [self.templates.layer_path(digest) for digest in spec.layers]
-        id_map = self._id_map(path) if self.settings.userns else None
-        if id_map is not None:  # CORRAL_USERNS: sandbox root is not host root
-            await asyncio.to_thread(_mount_idmapped_overlay, layers, layout, path, id_map)
-            await _allow_low_ports(handle.netns_path)
+        id_map = handle.id_map  # kept for the sandbox's life: its files hold these host ids
+        if id_map is not None:  # sandbox root is not host root
+            done = await asyncio.gather(  # independent: both finish before a failure is raised
+                asyncio.to_thread(_mount_idmapped_overlay, layers, layout, path, id_map),
+                _allow_low_ports(handle.netns_path),
+                return_exceptions=True,
+            )
+            for outcome in done:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         else:
             mount = overlay_mount(layers, layout.upper, layout.work, layout.rootfs)
             await asyncio.to_thread(
@@ -347,11 +481,12 @@ class Node:
             CPU_ONLINE_PATH: (path / "cpu_online", cpu_online_text(len(cpus))),
         }
         files = {file: text for file, text in virtual.values()}
+        agent = bool(self._agent_binary) and self.runtime_of_handle(handle).traits.exec_agent
         config = build_sandbox_config(
             sandbox_id=spec.sandbox_id,
             rootfs=str(layout.rootfs),
             netns_path=handle.netns_path,
-            init_binary=self._init_binary,
+            init_binary=self._agent_binary if agent else self._init_binary,
             etc_files={f"/etc/{name}": str(path / "etc" / name) for name in ("hostname", "hosts", "resolv.conf")},
             cpu_count=spec.cpu_count,
             memory_mb=spec.memory_mb,
@@ -361,30 +496,35 @@ class Node:
             cpus=cpus,
             virtual_files={dest: str(file) for dest, (file, _) in virtual.items()},
             id_map=id_map,
+            exec_agent=agent,
         )
         _refuse_unsafe_rootfs(spec.sandbox_id, layout.rootfs)
-        if not self.runtime.traits.fills_cpuset_parents:  # runsc
+        runtime = self.runtime_of_handle(handle)
+        if not runtime.traits.fills_cpuset_parents:  # runsc
             await asyncio.to_thread(fill_cpuset_parents, config["linux"]["cgroupsPath"])
-        if self.runtime.traits.bind_tmp:  # runsc: its own tmpfs on /tmp would hide /tmp from envd
+        if runtime.traits.bind_tmp:  # runsc: its own tmpfs on /tmp would hide /tmp from envd
             (layout.rootfs / "tmp").mkdir(mode=0o1777, exist_ok=True)
             config["mounts"].append(
                 {"destination": "/tmp", "type": "bind", "source": str(layout.rootfs / "tmp"), "options": ["rbind", "rw", "nosuid", "nodev"]}
             )
         files[path / "config.json"] = json.dumps(config)
         await asyncio.to_thread(_write_files, files)
-        init_pid = await self.runtime.run(spec.sandbox_id, path)
+        listener = await asyncio.to_thread(_listen_for_agent, path / AGENT_SOCKET, agent)
+        try:
+            init_pid = await runtime.run(spec.sandbox_id, path, listener.fileno() if listener else None)
+        finally:
+            if listener is not None:
+                listener.close()  # the agent holds it now
         self._attach_envd(handle, init_pid)
         handle.cpus = cpus
         handle.status = NodeStatus.RUNNING
 
-    def _id_map(self, sandbox_dir: Path) -> IdMap:
-        """The sandbox's own host id range: kept from its first boot, else the lowest free one.
-        No await between looking and writing, so concurrent creates cannot pick the same."""
-        id_map = read_idmap(sandbox_dir)
-        if id_map is None:
-            used = (read_idmap(self.settings.sandboxes_dir / other) for other in self._sandbox_dirs())
-            id_map = IdMap(pick_base(m.base for m in used if m is not None))
-            write_idmap(sandbox_dir, id_map)
+    def _new_id_map(self, sandbox_id: str) -> IdMap:
+        """A new sandbox's own host id range: the lowest slot no sandbox directory of this node
+        holds (`_id_maps`, kept in memory: no file reads per create). No await between looking
+        and taking, so concurrent creates cannot pick the same."""
+        id_map = IdMap(pick_base(m.base for m in self._id_maps.values()))
+        self._id_maps[sandbox_id] = id_map
         return id_map
 
     def _attach_envd(self, handle: SandboxHandle, init_pid: int) -> None:
@@ -392,7 +532,8 @@ class Node:
         # recycled pid can never redirect file access to another tree.
         spec = handle.spec
         root_path = f"/proc/{init_pid}/root"
-        if not self.runtime.traits.files_from_init_root:  # runsc: its sandbox process sees an empty dir
+        runtime = self.runtime_of_handle(handle)
+        if not runtime.traits.files_from_init_root:  # runsc: its sandbox process sees an empty dir
             root_path = str(handle.path / "rootfs")
         root_fd = os.open(root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         handle.init_pid = init_pid
@@ -402,8 +543,12 @@ class Node:
             template_id=spec.template_id,
             access_token=spec.access_token,
             env_vars=dict(spec.env_vars),
-            root=ConfinedRoot(root_fd, owns_fd=True),
-            spawner=RuntimeSpawner(self.runtime, spec.sandbox_id, handle.path, self._nofile_hard),
+            root=ConfinedRoot(root_fd, owns_fd=True, id_map=handle.id_map),
+            spawner=(
+                AgentSpawner(handle.path / AGENT_SOCKET, spec.sandbox_id)
+                if (handle.path / AGENT_SOCKET).exists()  # booted with the exec agent as its init
+                else RuntimeSpawner(runtime, spec.sandbox_id, handle.path, self._nofile_hard)
+            ),
             processes=ProcessTable(),
             usage=lambda: self.usage(spec.sandbox_id),
             **self._template_defaults(spec.template_id),
@@ -433,6 +578,8 @@ class Node:
             return None
         envd.processes.close()
         envd.watchers.close()
+        if isinstance(envd.spawner, AgentSpawner):
+            envd.spawner.close()
         return envd.root
 
     # -- pause and resume ------------------------------------------------------------------------
@@ -452,7 +599,7 @@ class Node:
             raise FailedPrecondition(f"sandbox '{sandbox_id}' is {handle.status.value}, not running")
         handle.status = NodeStatus.FROZEN  # stop serving before the processes stop
         try:
-            await freeze(locate_cgroups(self.cgroup_parent, sandbox_id))
+            await self._freeze_container(handle)
         except BaseException:
             handle.status = NodeStatus.RUNNING
             raise
@@ -463,8 +610,22 @@ class Node:
             return
         if handle.status is not NodeStatus.FROZEN:
             raise FailedPrecondition(f"sandbox '{sandbox_id}' is {handle.status.value}, not frozen")
-        await thaw(locate_cgroups(self.cgroup_parent, sandbox_id))
+        await self._thaw_container(handle)
         handle.status = NodeStatus.RUNNING
+
+    async def _freeze_container(self, handle: SandboxHandle) -> None:
+        runtime = self.runtime_of_handle(handle)
+        if runtime.traits.pauses_itself:  # runsc: a frozen Sentry would hang every runsc command
+            await runtime.pause(handle.sandbox_id)
+        else:
+            await freeze(locate_cgroups(self.cgroup_parent, handle.sandbox_id))
+
+    async def _thaw_container(self, handle: SandboxHandle) -> None:
+        runtime = self.runtime_of_handle(handle)
+        if runtime.traits.pauses_itself:
+            await runtime.resume(handle.sandbox_id)
+        else:
+            await thaw(locate_cgroups(self.cgroup_parent, handle.sandbox_id))
 
     async def stop(self, sandbox_id: str) -> None:
         """Stop the container but keep files, disk and network: the next start is a cold boot."""
@@ -473,7 +634,7 @@ class Node:
             return
         handle.status = NodeStatus.STOPPED
         self._close_envd(handle)  # cuts envd streams: their processes are about to die
-        await self.runtime.delete(sandbox_id)
+        await self.runtime_of_handle(handle).delete(sandbox_id)
         handle.init_pid = 0
         await asyncio.to_thread(unmount, handle.path / "rootfs")
 
@@ -482,7 +643,8 @@ class Node:
         handle = self._held(sandbox_id)
         if handle.status is not NodeStatus.STOPPED:
             raise FailedPrecondition(f"sandbox '{sandbox_id}' is {handle.status.value}, not stopped")
-        await self.runtime.delete(sandbox_id)  # a leftover container record would block `run`
+        # A leftover container record would block `run`.
+        await self.runtime_of_handle(handle).delete(sandbox_id)
         await self._boot(handle, _Layout.of(handle.path, handle.spec.disk_size_mb))
 
     async def commit_upper(self, sandbox_id: str) -> str:
@@ -496,7 +658,7 @@ class Node:
         layout = _Layout.of(handle.path, handle.spec.disk_size_mb)
         if layout.disk is not None:
             await mount_disk(layout.disk)
-        return await commit_layer(layout.upper, self.settings.layers_dir)
+        return await commit_layer(layout.upper, self.settings.layers_dir, handle.id_map)
 
     # -- usage -----------------------------------------------------------------------------------
 
@@ -541,9 +703,10 @@ class Node:
         return task
 
     def layers_in_use(self) -> set[str]:
-        """Layer digests of every sandbox the node holds or is still tearing down (mounted)."""
+        """Layer digests of every sandbox the node holds, is creating or is still tearing down."""
         held = [*self._sandboxes.values(), *(h for h, _ in self._retiring.values() if h is not None)]
-        return {digest for handle in held for digest in handle.spec.layers}
+        specs = [handle.spec for handle in held] + list(self._creating.values())
+        return {digest for spec in specs for digest in spec.layers}
 
     async def destroy(self, sandbox_id: str) -> None:
         """Remove everything of a sandbox: processes, mounts, disk, cgroups, veth, address, rules. Idempotent."""
@@ -567,13 +730,14 @@ class Node:
         if root is not None:
             await asyncio.to_thread(root.close)
 
-    async def _cleanup(self, sandbox_id: str) -> None:
+    async def _cleanup(self, sandbox_id: str, runtime: OciRuntime | None = None) -> None:
         path = self.settings.sandboxes_dir / sandbox_id
-        await self.runtime.delete(sandbox_id)
+        await (runtime or self.runtime_of(sandbox_id)).delete(sandbox_id)
         await asyncio.to_thread(unmount, path / "rootfs")
         await asyncio.to_thread(unmount, path / "disk")
         await self.network.detach(sandbox_id)
         await asyncio.to_thread(shutil.rmtree, path, True)
+        self._id_maps.pop(sandbox_id, None)  # its files are gone: the slot is free again
 
     async def reconcile(
         self, specs: list[SandboxSpec], paused: Mapping[str, bool] | None = None
@@ -586,7 +750,12 @@ class Node:
         """
         paused = dict(paused or {})
         wanted = {spec.sandbox_id: spec for spec in specs}
-        containers = {c["id"]: c for c in await self.runtime.list()}
+        containers: dict[str, dict[str, Any]] = {}
+        listed_by: dict[str, OciRuntime] = {}  # which runtime has each container
+        for runtime in self._known_runtimes():
+            for container in await runtime.list():
+                containers[container["id"]] = container
+                listed_by[container["id"]] = runtime
         attachments = await self.network.list_attached()
         adopted: list[str] = []
         lost: list[str] = []
@@ -603,7 +772,7 @@ class Node:
         strays = (set(containers) | set(attachments) | self._sandbox_dirs()) - set(adopted)
         for sandbox_id in strays - set(lost):
             log.info("removing stray sandbox %s", sandbox_id)
-            await self._cleanup(sandbox_id)
+            await self._cleanup(sandbox_id, listed_by.get(sandbox_id))
         await self.network.reconcile(set(adopted))  # also half-made namespaces list_attached() skips
         return adopted, lost
 
@@ -623,10 +792,14 @@ class Node:
             netns_path=attachment.netns_path,
             status=NodeStatus.STOPPED,
             cpus=_config_cpus(path),
+            runtime=self._recorded_runtime(path),
+            id_map=read_idmap(path),
         )
+        if handle.id_map is not None:
+            self._id_maps[spec.sandbox_id] = handle.id_map
         if keep_memory is False:  # stopped: no container should exist
             if container is not None:
-                await self.runtime.delete(spec.sandbox_id)
+                await self.runtime_of_handle(handle).delete(spec.sandbox_id)
             await asyncio.to_thread(unmount, path / "rootfs")
             self._sandboxes[spec.sandbox_id] = handle
             return True
@@ -637,10 +810,10 @@ class Node:
         if keep_memory:
             handle.status = NodeStatus.FROZEN
             if container["status"] != "paused":
-                await freeze(locate_cgroups(self.cgroup_parent, spec.sandbox_id))
+                await self._freeze_container(handle)
         else:
             if container["status"] == "paused":
-                await thaw(locate_cgroups(self.cgroup_parent, spec.sandbox_id))
+                await self._thaw_container(handle)
             handle.status = NodeStatus.RUNNING
         return True
 
@@ -662,6 +835,19 @@ def _is_other_device(path: Path) -> bool:
 def _make_dirs(path: Path, subs: tuple[str, ...]) -> None:
     for sub in subs:
         (path / sub).mkdir(parents=True, exist_ok=False)
+
+
+def _make_home_private(home: Path, sandboxes_dir: Path) -> None:
+    """Only host root reads the home: a process that escaped a sandbox runs as an unprivileged
+    host uid (user namespaces) and must not read other sandboxes' layers, templates (their build
+    env vars), build logs or the database. The home stays searchable (0711) because the runtime
+    reaches a rootfs under `sandboxes_dir` from inside the user namespace; everything else in it
+    is 0700 / 0600."""
+    os.chmod(home, 0o711)
+    for entry in home.iterdir():
+        if entry == sandboxes_dir or entry.is_symlink():
+            continue
+        os.chmod(entry, 0o700 if entry.is_dir() else 0o600)
 
 
 def _write_files(files: Mapping[Path, str]) -> None:
@@ -691,13 +877,10 @@ def _mount_idmapped_overlay(layers: list[Path], layout: _Layout, sandbox_dir: Pa
 async def _allow_low_ports(netns_path: str) -> None:
     """The sandbox's netns belongs to the host's user namespace, so root in the sandbox's own user
     namespace may not bind ports below 1024 there; let everyone in it do so (as Docker does)."""
-    proc = await asyncio.create_subprocess_exec(
-        "nsenter", f"--net={netns_path}", "sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=0",
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise Internal(f"cannot allow low ports in {netns_path}: {err.decode(errors='replace').strip()}")
+    try:
+        await asyncio.to_thread(allow_low_ports, netns_path)  # a setns'd thread, not an nsenter process
+    except OSError as exc:
+        raise Internal(f"cannot allow low ports in {netns_path}: {exc}") from None
 
 
 def _mount_once(mount: Mount) -> None:

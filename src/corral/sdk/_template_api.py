@@ -228,9 +228,10 @@ def _segment(value: str, what: str) -> str:
 
 
 def request_build_request(
-    name: str, tags: Sequence[str] | None, cpu_count: int, memory_mb: int
+    name: str, tags: Sequence[str] | None, cpu_count: int, memory_mb: int, runtime: str | None = None
 ) -> ApiRequest:
-    """`POST /v3/templates` (tags left out when there are none, as E2B's SDK does)."""
+    """`POST /v3/templates` (tags left out when there are none, as E2B's SDK does). `runtime` is
+    Corral's own field (the OCI runtime of the template's sandboxes), sent only when given."""
     if not name:
         raise InvalidArgumentException("a template name is required, e.g. 'my-template' or 'my-template:v1'")
     if cpu_count < 1:
@@ -240,6 +241,8 @@ def request_build_request(
     body: dict[str, Any] = {"name": name, "cpuCount": int(cpu_count), "memoryMB": int(memory_mb)}
     if tags:
         body["tags"] = list(tags)
+    if runtime:
+        body["runtime"] = runtime
     return ApiRequest("POST", "/v3/templates", json=body)
 
 

@@ -50,7 +50,15 @@ class CorralApp:
         self.node = Node(settings, self.runtime, self.network, self.templates)
         self.pool = WarmPool(self.node, self.templates, PoolConfig.from_env())  # CORRAL_POOL_SIZE/_TEMPLATES
         self.service = SandboxService(settings, self.store, self.node, self.templates, SandboxRow, pool=self.pool)
-        self.builder = TemplateBuildService(settings, self.node, self.templates)
+        self.builder = TemplateBuildService(
+            settings,
+            self.node,
+            self.templates,
+            own_layer=self.store.add_owned_layer,  # layers builds make are collected when unused
+            collect_layers=self.service.collect_layers,
+            template_owner=self.service.template_owner,  # snapshots are their team's, as bases too
+        )
+        self.service.layer_holders.append(self.builder.layers_to_keep)  # in-flight builds, kept cache
         self.api = build_api(self.service, self.store, settings, templates=self.builder)
         self.proxy = SandboxProxy(self.node, build_envd_app(self._envd_lookup))
         self.node.local_envd = LocalEnvd(self.proxy)  # envd at localhost:49983 inside each sandbox
@@ -66,11 +74,11 @@ class CorralApp:
     async def startup(self) -> None:
         self.store.migrate()
         self.api_key = self.store.ensure_default_team(self.settings.api_key)
+        await self.builder.start()  # before reconcile's layer collection; no build runs yet
         await self.node.start()
         adopted, lost = await self.service.reconcile()
         if adopted or lost:
             log.warning("re-adopted %d running sandbox(es); %d were gone", len(adopted), len(lost))
-        await self.builder.start()
         self._tasks.append(asyncio.create_task(self.service.run_expiry(), name="sandbox-expiry"))
         self._tasks.append(asyncio.create_task(self.pool.run(), name="warm-pool"))
         if self.on_ready is not None:

@@ -22,6 +22,11 @@ Lifecycle rules (docs/lifecycle.md):
   layer. A snapshot is a template (`Sandbox.create(snapshot_id)`); forks are new sandboxes on
   top of that layer, cold-booted. Layers they made are deleted once no template or live sandbox
   uses them.
+- Layer collection (`collect_layers`) is the one place layers are deleted: owned layers (made by a
+  snapshot, a fork, a build step or a registry pull) that no template build, live or tearing-down
+  sandbox, snapshot, pinned commit or `layer_holders` entry (the builder: in-flight builds, kept
+  build-cache entries) refers to. It decides and renames the doomed layers out of sight in one
+  step of the event loop, so nothing can start using one in between; the deletion comes after.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import datetime as dt
 import logging
 import re
 import shutil
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from corral.builder.startcmd import start_template_processes
@@ -51,7 +56,7 @@ from corral.core.ids import new_access_token, new_sandbox_id
 from corral.core.sandbox import ENVD_VERSION, SandboxSpec, SandboxState
 from corral.core.settings import Settings
 from corral.node.sandboxes import NodeStatus
-from corral.node.storage.commit import remove_layer
+from corral.node.storage.commit import retire_layer
 from corral.node.storage.templates import TemplateManifest
 from corral.server.network_policy import NetworkPolicies
 from corral.server.scheduler import MetricsSampler, Scheduler
@@ -159,6 +164,8 @@ class SandboxService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._layers_lock = asyncio.Lock()
         self._pinned_layers: set[str] = set()  # committed, not yet referenced: never collected
+        # Others that keep layers: each gets the referenced set and returns more layers to keep.
+        self.layer_holders: list[Callable[[set[str]], set[str]]] = []
         self.sampler = MetricsSampler(node, store)
         self.scheduler = Scheduler(self.expire_due, self.sampler)
         node.waker = self.wake  # the proxy's traffic to a frozen sandbox comes back here (auto-resume)
@@ -179,7 +186,7 @@ class SandboxService:
         self._check_timeout(req.timeout)
         lifecycle = lifecycle_of(req)
         network = self.network_policies.plan(req)  # validated before anything exists
-        template = self.templates.get(req.template_id)
+        template = self._visible_template(team_id, req.template_id)
         pooled = self.pool.claim(template) if self.pool is not None else None
         row = self._new_row(
             team_id,
@@ -202,6 +209,25 @@ class SandboxService:
             return await self._start_pooled(row, network, how)
         self.network_policies.stage(row.sandbox_id, network)  # recorded when the node attaches it
         return await self._start(row, req.timeout, how)
+
+    def _visible_template(self, team_id: str, ref: str) -> Any:
+        """The template `ref` names, when the team may start sandboxes of it: a system one (base),
+        its own build, or its own snapshot (snapshot manifests name no team: their row does).
+        Another team's answers NotFound like an unknown name, so nothing about it leaks."""
+        template = self.templates.get(ref)
+        owner = self.template_owner(template)
+        if owner is not None and owner != team_id:
+            raise NotFound(f"template '{ref}' not found")
+        return template
+
+    def template_owner(self, template: Any) -> str | None:
+        """The team a template belongs to: its build's team, or for a snapshot (whose manifest
+        names no team) its row's; None for the server's own templates (base)."""
+        owner = getattr(template, "team_id", None)
+        if owner is None:
+            snapshot = self.store.get_snapshot(template.template_id)
+            owner = snapshot.team_id if snapshot is not None else None
+        return owner
 
     @staticmethod
     def _check_timeout(seconds: int) -> None:
@@ -546,6 +572,7 @@ class SandboxService:
                         disk_size_mb=row.disk_size_mb,
                         default_user=parent.default_user if parent else "user",
                         default_workdir=parent.default_workdir if parent else None,
+                        runtime=parent.runtime if parent else None,  # its sandboxes run where it ran
                     )
                 )
                 now = _now()
@@ -610,6 +637,7 @@ class SandboxService:
                     secure=row.secure,
                     lifecycle=lifecycle,
                 )
+                self.network_policies.inherit(sandbox_id, new.sandbox_id)  # the parent's policy
                 try:
                     results.append(await self._start(new, timeout, f"forked from {sandbox_id}"))
                 except CorralError as exc:
@@ -642,12 +670,10 @@ class SandboxService:
             row = self.store.delete_snapshot(snapshot_id, team_id)
             if row is None:
                 if self.store.get_snapshot(snapshot_id) is None:
-                    try:
-                        self.templates.get(snapshot_id)
-                    except NotFound:
-                        raise NotFound(f"template '{snapshot_id}' not found") from None
-                    raise Unimplemented(f"template '{snapshot_id}' is not a snapshot; deleting built templates is not supported yet")
-                raise NotFound(f"template '{snapshot_id}' not found")
+                    manifest = self.templates.find(snapshot_id)
+                    if manifest is not None and manifest.team_id is None:
+                        raise Unimplemented(f"template '{snapshot_id}' is provided by this server and cannot be deleted")
+                raise NotFound(f"template '{snapshot_id}' not found")  # or another team's
             try:
                 self.templates.delete(snapshot_id)
             except NotFound:
@@ -655,21 +681,30 @@ class SandboxService:
         await self.collect_layers()
 
     async def collect_layers(self) -> list[str]:
-        """Delete layers snapshots and forks made that no template and no live sandbox uses."""
-        if not self.store.owned_layers():
-            return []
+        """Delete owned layers nothing refers to (see the module docstring); their digests."""
         async with self._layers_lock:
+            owned = self.store.owned_layers()
+            if not owned:
+                return []
+            # From here to the last rename nothing awaits: no create, build or commit can start
+            # using a layer between the decision and its retirement.
             in_use = set(self.store.layers_in_use()) | self._pinned_layers | self.node.layers_in_use()
             for manifest in self.templates.list():
-                in_use.update(manifest.layers)
-            removed = []
-            for digest in self.store.owned_layers():
+                in_use.update(manifest.all_layers())
+            for holder in self.layer_holders:
+                in_use |= holder(set(in_use))
+            removed, retired = [], []
+            for digest in owned:
                 if digest in in_use:
                     continue
-                await asyncio.to_thread(remove_layer, self.settings.layers_dir, digest)
+                doomed = retire_layer(self.settings.layers_dir, digest)
+                if doomed is not None:
+                    retired.append(doomed)
                 self.store.remove_owned_layer(digest)
                 removed.append(digest)
-            return removed
+        for path in retired:
+            await asyncio.to_thread(shutil.rmtree, path, True)
+        return removed
 
     # -- metrics and logs ------------------------------------------------------------------------
 

@@ -23,6 +23,11 @@ differ in a few ways the node must know about, kept here as data (`RuntimeTraits
 - runsc's `exec --console-socket` only works with `--detach` (the exit status is then lost), so a
   terminal for runsc is a host pty pair whose slave becomes the `runsc exec` stdio, which gVisor
   turns into the process's terminal.
+- runsc's commands (`list`, `state`, `kill`, `delete`) ask the sandbox's Sentry over its control
+  socket, which never answers once the cgroup freezer has stopped it: they hang for good. So a
+  runsc sandbox is paused with `runsc pause` (its tasks stop, its control server keeps answering)
+  instead of the freezer, and resumed before `delete` (runsc 20221219 panics deleting a paused
+  container: "invalid state transition: paused => stopped").
 
 Versions: `KNOWN_ADVISORIES` records the published container-escape advisories of each runtime that
 we checked, with the first fixed version per release branch. `check_runtime` probes the binary
@@ -30,11 +35,17 @@ we checked, with the first fixed version per release branch. `check_runtime` pro
 open advisory that our configuration does not make unreachable, unless the operator allows it.
 `unsafe_mount_targets` is the pre-flight check that makes the "malicious image with /dev symlink"
 class unreachable: a rootfs whose mount destinations are symlinks is never booted.
+
+Per-template runtimes: a template may name the runtime of its sandboxes (`runtime_name` checks the
+name); a server then runs sandboxes on its default runtime and on that one side by side, each
+runtime with its own state root (`state_root_for`), and records in each sandbox's directory which
+runtime runs it (`RuntimeRecord`) so that a restart adopts it with the same one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -43,13 +54,15 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from corral.core.errors import FailedPrecondition
+from corral.core.errors import FailedPrecondition, InvalidArgument
 
 __all__ = [
     "DEBIAN_BACKPORTS",
     "KNOWN_ADVISORIES",
+    "RUNTIME_RECORD_FILE",
     "TRAITS",
     "Advisory",
+    "RuntimeRecord",
     "RuntimeTraits",
     "RuntimeVersion",
     "check_runtime",
@@ -57,10 +70,14 @@ __all__ = [
     "open_advisories",
     "parse_version",
     "probe_runtime",
+    "read_runtime_record",
     "refusal_message",
+    "runtime_name",
+    "state_root_for",
     "traits_for",
     "unreachable_advisories",
     "unsafe_mount_targets",
+    "write_runtime_record",
 ]
 
 Version = tuple[int, ...]
@@ -79,10 +96,20 @@ class RuntimeTraits:
     setuid_works: bool = True  # sudo can raise privileges (no no_new_privs forced by the runtime)
     fills_cpuset_parents: bool = True  # creates cgroup v1 cpuset parents with cpus and mems set
     console_socket: bool = True  # `exec --console-socket` sends a pty master without detaching
+    # Paused with `<runtime> pause` (and resumed before delete), not the cgroup freezer: its
+    # commands ask the sandbox, which a frozen cgroup cannot answer (runsc).
+    pauses_itself: bool = False
+    # `run --preserve-fds` hands our listening socket to the init: PID 1 is Corral's exec agent,
+    # which forks commands (corral.node.runtime.agent) instead of a `<runtime> exec` per command.
+    exec_agent: bool = False
+    # Sandboxes get a host user namespace (`corral.node.runtime.idmap`); not on runsc: gVisor's
+    # Sentry implements uids itself (its own user namespace semantics) and, as we run it, is a
+    # host-root process confined by its own seccomp filter.
+    user_namespace: bool = True
 
 
 TRAITS: dict[str, RuntimeTraits] = {
-    "crun": RuntimeTraits("crun"),
+    "crun": RuntimeTraits("crun", exec_agent=True),
     "runc": RuntimeTraits("runc"),
     "runsc": RuntimeTraits(
         "runsc",
@@ -94,6 +121,8 @@ TRAITS: dict[str, RuntimeTraits] = {
         setuid_works=False,
         fills_cpuset_parents=False,
         console_socket=False,
+        pauses_itself=True,
+        user_namespace=False,
     ),
 }
 
@@ -102,6 +131,54 @@ def traits_for(binary: str) -> RuntimeTraits:
     """Traits by the binary's name (`runsc`, `/usr/sbin/runsc`, `crun` …); crun's for unknown names."""
     name = os.path.basename(binary)
     return TRAITS.get(name, dataclasses.replace(TRAITS["crun"], name=name))
+
+
+def runtime_name(name: str) -> str:
+    """A runtime name a template may ask for (`crun`, `runc`, `runsc`); InvalidArgument otherwise.
+
+    Only names: a template never chooses a binary path on the server."""
+    cleaned = name.strip()
+    if cleaned not in TRAITS:
+        raise InvalidArgument(
+            f"unknown runtime {name!r}: a template's runtime is one of {', '.join(sorted(TRAITS))}"
+        )
+    return cleaned
+
+
+def state_root_for(default_root: Path, default_name: str, name: str) -> Path:
+    """The `--root` state dir of runtime `name` on a server whose default runtime is `default_name`
+    with its state in `default_root`: the default's own, else a sibling `runtime-<name>` (runtimes
+    must not share one: each keeps its own state format there)."""
+    return default_root if name == default_name else default_root.with_name(f"runtime-{name}")
+
+
+RUNTIME_RECORD_FILE = "runtime.json"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RuntimeRecord:
+    """Which runtime runs a sandbox: its name and state root, kept in the sandbox's directory."""
+
+    name: str
+    state_root: Path
+
+
+def write_runtime_record(sandbox_dir: Path, record: RuntimeRecord) -> None:
+    text = json.dumps({"name": record.name, "state_root": str(record.state_root)})
+    (sandbox_dir / RUNTIME_RECORD_FILE).write_text(text + "\n")
+
+
+def read_runtime_record(sandbox_dir: Path) -> RuntimeRecord | None:
+    """The record of a sandbox's runtime; None when there is none (sandboxes made before records:
+    the server's default runtime) or it is unreadable."""
+    try:
+        data = json.loads((sandbox_dir / RUNTIME_RECORD_FILE).read_text())
+        name, root = str(data["name"]), str(data["state_root"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not name or not os.path.isabs(root):
+        return None
+    return RuntimeRecord(name, Path(root))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

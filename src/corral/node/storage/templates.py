@@ -13,7 +13,9 @@ ref has no tag). The manifest's top-level fields are its latest build; `tags` ma
 and `tagged_builds` keeps the fields of older builds some tag still points at. `get("name:v1")`
 returns the manifest as that build (`for_build`). `all_layers()` is every layer any build needs.
 Defaults for sandboxes of the template: `default_user`, `default_workdir`, `env_vars`, and
-`start_cmd` / `ready_cmd` (started at create, ready when the ready command passes).
+`start_cmd` / `ready_cmd` (started at create, ready when the ready command passes). `runtime` names
+the OCI runtime its sandboxes run on (`runsc` …; None = the server's default); it belongs to the
+template, set by its latest build, not to each build.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class TemplateManifest:
     updated_at: str | None = None
     tags: dict[str, str] = dataclasses.field(default_factory=dict)  # tag → build id
     tagged_builds: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # build id → fields
+    runtime: str | None = None  # OCI runtime of its sandboxes (crun, runc, runsc); None: the server's
 
     # The fields that differ per build (what `tagged_builds` keeps for older builds).
     BUILD_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -220,7 +223,7 @@ class TemplateStore:
                     raise AlreadyExists(
                         f"template name '{min(taken)}' is already used by template '{other.template_id}'"
                     )
-        self._templates_dir.mkdir(parents=True, exist_ok=True)
+        self._templates_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         target = self._templates_dir / f"{manifest.template_id}.json"
         fd, tmp = tempfile.mkstemp(dir=self._templates_dir, prefix=".tmp-", suffix=".json")
         try:

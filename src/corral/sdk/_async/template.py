@@ -104,9 +104,10 @@ async def _start(
     memory_mb: int,
     skip_cache: bool,
     on_build_logs: AsyncOutputHandler[LogEntry] | None,
+    runtime: str | None = None,
 ) -> tuple[BuildInfo, PreparedBuild]:
     """Everything up to a started build: hashes, the build record, uploads, the plan."""
-    request = request_build_request(name, tags, cpu_count, memory_mb)  # checks the arguments first
+    request = request_build_request(name, tags, cpu_count, memory_mb, runtime)  # checks the arguments first
     prepared = await AsyncFileWork.run(prepare_build, template, skip_cache=skip_cache)
     await _log(
         on_build_logs,
@@ -220,12 +221,15 @@ class AsyncTemplate(TemplateBase):
         memory_mb: int = 1024,
         skip_cache: bool = False,
         on_build_logs: AsyncOutputHandler[LogEntry] | None = None,
+        runtime: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         **options: Unpack[ConnectionOptions],
     ) -> BuildInfo:
         """Build `template` as `name` (`name` or `name:tag`, plus any `tags`) and wait until it is ready.
 
         Sandboxes get `cpu_count` CPUs and `memory_mb` MiB; `skip_cache` builds every step again.
+        `runtime` (Corral only) picks the OCI runtime its sandboxes run on, e.g. "runsc" for gVisor
+        (default: the server's).
         `on_build_logs` gets every log entry (a function or a coroutine function). A failure raises
         `BuildException` naming the failing step; the previous build of `name` stays in place.
         """
@@ -235,8 +239,9 @@ class AsyncTemplate(TemplateBase):
         try:
             async with open_http(transport) as http:
                 info, prepared = await _start(
-                    config, http, template, build_name, tags, cpu_count, memory_mb, skip_cache, on_build_logs
-                )
+                    config, http, template, build_name, tags, cpu_count, memory_mb, skip_cache, on_build_logs,
+                    runtime,
+                )  # fmt: skip
                 await _log(on_build_logs, "Waiting for logs...")
                 await _wait(config, http, info, prepared.template, on_build_logs)
                 return info
@@ -255,6 +260,7 @@ class AsyncTemplate(TemplateBase):
         memory_mb: int = 1024,
         skip_cache: bool = False,
         on_build_logs: AsyncOutputHandler[LogEntry] | None = None,
+        runtime: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         **options: Unpack[ConnectionOptions],
     ) -> BuildInfo:
@@ -263,7 +269,7 @@ class AsyncTemplate(TemplateBase):
         build_name = _name(name, alias)
         async with open_http(transport) as http:
             info, _ = await _start(
-                config, http, template, build_name, tags, cpu_count, memory_mb, skip_cache, on_build_logs
+                config, http, template, build_name, tags, cpu_count, memory_mb, skip_cache, on_build_logs, runtime
             )
         return info
 

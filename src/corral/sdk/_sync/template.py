@@ -105,9 +105,10 @@ def _start(
     memory_mb: int,
     skip_cache: bool,
     on_build_logs: OutputHandler[LogEntry] | None,
+    runtime: str | None = None,
 ) -> tuple[BuildInfo, PreparedBuild]:
     """Everything up to a started build: hashes, the build record, uploads, the plan."""
-    request = request_build_request(name, tags, cpu_count, memory_mb)  # checks the arguments first
+    request = request_build_request(name, tags, cpu_count, memory_mb, runtime)  # checks the arguments first
     prepared = FileWork.run(prepare_build, template, skip_cache=skip_cache)
     _log(
         on_build_logs,
@@ -221,12 +222,15 @@ class Template(TemplateBase):
         memory_mb: int = 1024,
         skip_cache: bool = False,
         on_build_logs: OutputHandler[LogEntry] | None = None,
+        runtime: str | None = None,
         transport: httpx.BaseTransport | None = None,
         **options: Unpack[ConnectionOptions],
     ) -> BuildInfo:
         """Build `template` as `name` (`name` or `name:tag`, plus any `tags`) and wait until it is ready.
 
         Sandboxes get `cpu_count` CPUs and `memory_mb` MiB; `skip_cache` builds every step again.
+        `runtime` (Corral only) picks the OCI runtime its sandboxes run on, e.g. "runsc" for gVisor
+        (default: the server's).
         `on_build_logs` gets every log entry (a function or a coroutine function). A failure raises
         `BuildException` naming the failing step; the previous build of `name` stays in place.
         """
@@ -236,8 +240,9 @@ class Template(TemplateBase):
         try:
             with open_http(transport) as http:
                 info, prepared = _start(
-                    config, http, template, build_name, tags, cpu_count, memory_mb, skip_cache, on_build_logs
-                )
+                    config, http, template, build_name, tags, cpu_count, memory_mb, skip_cache, on_build_logs,
+                    runtime,
+                )  # fmt: skip
                 _log(on_build_logs, "Waiting for logs...")
                 _wait(config, http, info, prepared.template, on_build_logs)
                 return info
@@ -256,6 +261,7 @@ class Template(TemplateBase):
         memory_mb: int = 1024,
         skip_cache: bool = False,
         on_build_logs: OutputHandler[LogEntry] | None = None,
+        runtime: str | None = None,
         transport: httpx.BaseTransport | None = None,
         **options: Unpack[ConnectionOptions],
     ) -> BuildInfo:
@@ -264,7 +270,7 @@ class Template(TemplateBase):
         build_name = _name(name, alias)
         with open_http(transport) as http:
             info, _ = _start(
-                config, http, template, build_name, tags, cpu_count, memory_mb, skip_cache, on_build_logs
+                config, http, template, build_name, tags, cpu_count, memory_mb, skip_cache, on_build_logs, runtime
             )
         return info
 

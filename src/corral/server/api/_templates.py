@@ -34,7 +34,13 @@ class TemplateServiceProtocol(Protocol):
     """What the template routes need (implemented by `corral.builder.service.TemplateBuildService`)."""
 
     async def request_build(
-        self, team_id: str, name: str, tags: Sequence[str], cpu_count: int, memory_mb: int
+        self,
+        team_id: str,
+        name: str,
+        tags: Sequence[str],
+        cpu_count: int,
+        memory_mb: int,
+        runtime: str | None = None,
     ) -> dict[str, Any]: ...
 
     async def upload_link(
@@ -74,6 +80,7 @@ class _RequestBuildBody(BaseModel):
     tags: list[str] = Field(default_factory=list)
     cpu_count: int = Field(2, alias="cpuCount", ge=1, le=MAX_CPU_COUNT)
     memory_mb: int = Field(1024, alias="memoryMB", ge=128, le=MAX_MEMORY_MB)
+    runtime: str | None = Field(None, max_length=64)  # Corral's: the OCI runtime of its sandboxes
 
 
 class _StartBuildBody(BaseModel):
@@ -142,7 +149,7 @@ class TemplateRoutes:
         if not body.name:
             raise InvalidArgument("Name is required")
         result = await self._service.request_build(
-            team_id, body.name, body.tags, body.cpu_count, body.memory_mb
+            team_id, body.name, body.tags, body.cpu_count, body.memory_mb, runtime=body.runtime
         )
         return JSONResponse(result, status_code=202)
 

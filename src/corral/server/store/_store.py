@@ -19,17 +19,18 @@ import contextlib
 import hashlib
 import hmac
 import os
+import re
 import uuid
 from collections.abc import Collection, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, and_, delete, or_, select, update
+from sqlalchemy import ColumnElement, Engine, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from corral.core.errors import AlreadyExists, InvalidArgument
+from corral.core.errors import AlreadyExists, InvalidArgument, NotFound
 from corral.core.ids import new_api_key
 from corral.core.sandbox import SandboxState
 from corral.core.settings import Settings
@@ -54,7 +55,15 @@ from corral.server.store._rows import (
     SnapshotRow,
 )
 
-__all__ = ["DEFAULT_TEAM", "LIVE_STATES", "Store", "decode_snapshot_cursor", "encode_snapshot_cursor", "hash_api_key"]
+__all__ = [
+    "DEFAULT_TEAM",
+    "LIVE_STATES",
+    "Store",
+    "decode_snapshot_cursor",
+    "encode_snapshot_cursor",
+    "hash_api_key",
+    "validate_team_name",
+]
 
 DEFAULT_TEAM = "default"
 LIVE_STATES: frozenset[SandboxState] = frozenset(
@@ -67,6 +76,18 @@ _SCAN_BATCH = 256
 def hash_api_key(key: str) -> str:
     """What the database keeps instead of a key: sha256, hex."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+_TEAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def validate_team_name(name: str) -> str:
+    """Team names are short identifiers (letters, digits, `_.-`); InvalidArgument otherwise."""
+    if not _TEAM_NAME_RE.match(name):
+        raise InvalidArgument(
+            f"invalid team name {name!r}: use up to 63 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+    return name
 
 
 def _now() -> datetime:
@@ -267,6 +288,43 @@ class Store:
         if found is None or not hmac.compare_digest(found.key_hash, digest):
             return None
         return str(found.team_id)
+
+    def create_team(self, name: str) -> tuple[str, str]:
+        """A new team and its first API key: `(team id, plaintext key)`. The key is shown once:
+        only its hash is kept. AlreadyExists when the name is taken."""
+        name = validate_team_name(name)
+        key = new_api_key()
+        try:
+            with self._transaction() as session:
+                team_id = str(uuid.uuid4())
+                session.add(TeamModel(id=team_id, name=name, created_at=_now()))
+                session.flush()
+                self._register_key(session, team_id, key)
+        except IntegrityError:
+            raise AlreadyExists(f"team '{name}' already exists") from None
+        return team_id, key
+
+    def add_api_key(self, team_name: str) -> str:
+        """A new API key for an existing team (its other keys keep working); the plaintext key,
+        shown once. NotFound when there is no such team."""
+        key = new_api_key()
+        with self._transaction() as session:
+            team_id = session.scalar(select(TeamModel.id).where(TeamModel.name == team_name))
+            if team_id is None:
+                raise NotFound(f"team '{team_name}' not found")
+            self._register_key(session, team_id, key)
+        return key
+
+    def list_teams(self) -> list[tuple[str, str, int]]:
+        """Every team as `(name, id, number of API keys)`, by name."""
+        with self._sessions() as session:
+            rows = session.execute(
+                select(TeamModel.name, TeamModel.id, func.count(ApiKeyModel.id))
+                .outerjoin(ApiKeyModel, ApiKeyModel.team_id == TeamModel.id)
+                .group_by(TeamModel.id)
+                .order_by(TeamModel.name)
+            ).all()
+        return [(str(name), str(team_id), int(keys)) for name, team_id, keys in rows]
 
     @staticmethod
     def _default_team(session: Session) -> str:
@@ -514,7 +572,7 @@ class Store:
     # -- layers the lifecycle made -----------------------------------------------------------------
 
     def add_owned_layer(self, digest: str, kind: str) -> None:
-        """Record that a snapshot or fork made layer `digest` (idempotent)."""
+        """Record that a snapshot, fork, build step or registry pull made layer `digest` (idempotent)."""
         with self._transaction() as session:
             if session.get(OwnedLayerModel, digest) is None:
                 session.add(OwnedLayerModel(digest=digest, kind=kind, created_at=_now()))
