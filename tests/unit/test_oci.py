@@ -9,18 +9,18 @@ FORBIDDEN_CAPS = {"CAP_SYS_ADMIN", "CAP_SYS_MODULE", "CAP_SYS_PTRACE", "CAP_NET_
 
 
 def _config(**overrides):
-    args = dict(
-        sandbox_id="abc123",
-        rootfs="/x/rootfs",
-        netns_path="/var/run/netns/corral0-abc123",
-        init_binary="/usr/bin/catatonit",
-        etc_files={"/etc/resolv.conf": "/x/etc/resolv.conf", "/etc/hosts": "/x/etc/hosts"},
-        cpu_count=2,
-        memory_mb=512,
-        pids_limit=4096,
-        nofile_hard=20000,
-        cgroups_path="/corral-corral0/abc123",
-    )
+    args = {
+        "sandbox_id": "abc123",
+        "rootfs": "/x/rootfs",
+        "netns_path": "/var/run/netns/corral0-abc123",
+        "init_binary": "/usr/bin/catatonit",
+        "etc_files": {"/etc/resolv.conf": "/x/etc/resolv.conf", "/etc/hosts": "/x/etc/hosts"},
+        "cpu_count": 2,
+        "memory_mb": 512,
+        "pids_limit": 4096,
+        "nofile_hard": 20000,
+        "cgroups_path": "/corral-corral0/abc123",
+    }
     args.update(overrides)
     return build_sandbox_config(**args)
 

@@ -11,12 +11,12 @@ import secrets
 import string
 
 __all__ = [
-    "SANDBOX_ID_RE",
     "API_KEY_RE",
-    "new_sandbox_id",
+    "SANDBOX_ID_RE",
+    "is_sandbox_id",
     "new_access_token",
     "new_api_key",
-    "is_sandbox_id",
+    "new_sandbox_id",
 ]
 
 _ALPHABET = string.ascii_lowercase + string.digits

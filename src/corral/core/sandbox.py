@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-__all__ = ["SandboxState", "SandboxSpec", "DEFAULT_USER", "ENVD_PORT", "ENVD_VERSION"]
+__all__ = ["DEFAULT_USER", "ENVD_PORT", "ENVD_VERSION", "SandboxSpec", "SandboxState"]
 
 DEFAULT_USER = "user"
 ENVD_PORT = 49983

@@ -27,7 +27,7 @@ from corral.node.envd.context import SCOPE_KEY
 from corral.node.envd.process import END_OF_STREAM_FOLLOWS, SandboxGone
 from corral.server.public_ports import PublicPorts, check_traffic_token
 
-__all__ = ["route_target", "SandboxProxy", "INTERNAL_ENVD_PATHS"]
+__all__ = ["INTERNAL_ENVD_PATHS", "SandboxProxy", "route_target"]
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from corral.spec._generated.filesystem.filesystem_connect import FilesystemASGIA
 from corral.spec._generated.process.process_connect import ProcessASGIApplication
 from corral.spec.envd import envd_codecs
 
-__all__ = ["build_envd_app", "UNAUTHORIZED_MESSAGE"]
+__all__ = ["UNAUTHORIZED_MESSAGE", "build_envd_app"]
 
 UNAUTHORIZED_MESSAGE = "unauthorized access, please provide a valid access token or method signing if supported"
 _OPEN_PATHS = ("/health", "/files")

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from corral.node.runtime.idmap import IdMap
     from corral.node.sandboxes import SandboxUsage
 
-__all__ = ["EnvdSandbox", "SCOPE_KEY", "sandbox_from_scope"]
+__all__ = ["SCOPE_KEY", "EnvdSandbox", "sandbox_from_scope"]
 
 SCOPE_KEY = "corral.sandbox"
 

@@ -31,13 +31,13 @@ from corral.node.runtime.idmap import IdMap
 from corral.node.runtime.seccomp import seccomp_profile
 
 __all__ = [
-    "SANDBOX_CAPABILITIES",
-    "INIT_PATH",
     "BOOT_ID_PATH",
     "CPUINFO_PATH",
     "CPU_ONLINE_PATH",
-    "build_sandbox_config",
+    "INIT_PATH",
+    "SANDBOX_CAPABILITIES",
     "build_exec_process",
+    "build_sandbox_config",
 ]
 
 # The init bind-mounted read-only from the host: Corral's exec agent (native/corral-init.c), or

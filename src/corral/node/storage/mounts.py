@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["Mount", "overlay_mount", "apply_mount", "unmount", "is_mountpoint"]
+__all__ = ["Mount", "apply_mount", "is_mountpoint", "overlay_mount", "unmount"]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _MNT_DETACH = 2
