@@ -33,13 +33,12 @@ import signal
 import socket
 import stat
 import struct
-import termios
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from corral.core.errors import FailedPrecondition, Internal, InvalidArgument
-from corral.node.runtime._fdio import write_all
-from corral.node.runtime.base import ExitStatus, PtySize, SpawnRequest
+from corral.core.errors import Internal, InvalidArgument
+from corral.node.runtime.base import ExitStatus, SpawnRequest
+from corral.node.runtime.process_io import ProcessIo
 
 __all__ = [
     "AGENT_SOCKET",
@@ -247,7 +246,7 @@ def listen_agent_socket(path: Path) -> socket.socket:
 # -- processes and the connection -------------------------------------------------------------------
 
 
-class AgentProcess:
+class AgentProcess(ProcessIo):
     """A command the agent started (implements `corral.node.runtime.base.SpawnedProcess`).
 
     Its exit comes as an EXIT message on the connection (or, when the connection is lost, as
@@ -264,58 +263,10 @@ class AgentProcess:
         stderr_fd: int | None = None,
         pty_fd: int | None = None,
     ) -> None:
+        super().__init__(stdin_fd=stdin_fd, stdout_fd=stdout_fd, stderr_fd=stderr_fd, pty_fd=pty_fd)
         self._connection = connection
         self.pid = pid
-        self.stdin_fd = stdin_fd
-        self.stdout_fd = stdout_fd
-        self.stderr_fd = stderr_fd
-        self.pty_fd = pty_fd
         self._exit: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
-        self._input_lock = asyncio.Lock()
-        self._writing: int | None = None  # the input fd a write_input is waiting on
-        self._close_after_write = False
-
-    def output_fds(self) -> Sequence[tuple[str, int]]:
-        if self.pty_fd is not None:
-            return [("pty", self.pty_fd)]
-        return [
-            (name, fd)
-            for name, fd in (("stdout", self.stdout_fd), ("stderr", self.stderr_fd))
-            if fd is not None
-        ]
-
-    async def write_input(self, data: bytes) -> None:
-        async with self._input_lock:
-            fd = self.pty_fd if self.pty_fd is not None else self.stdin_fd
-            if fd is None:
-                raise InvalidArgument("stdin is not enabled for this process (or it was closed)")
-            self._writing = fd
-            try:
-                await write_all(fd, data)
-            except OSError as exc:  # EPIPE: nobody reads any more (the process has exited)
-                raise FailedPrecondition(f"cannot write to process {self.pid}: {exc.strerror}") from None
-            finally:
-                self._writing = None
-                if self._close_after_write:
-                    self._close_after_write = False
-                    os.close(fd)
-
-    def close_stdin(self) -> None:
-        fd, self.stdin_fd = self.stdin_fd, None
-        if fd is not None:
-            self._release(fd)
-
-    def _release(self, fd: int) -> None:
-        # A writer may be waiting on this fd: closing it now could hand its number to another file.
-        if fd == self._writing:
-            self._close_after_write = True
-        else:
-            os.close(fd)
-
-    def resize(self, size: PtySize) -> None:
-        if self.pty_fd is None:
-            raise InvalidArgument("process has no pseudo-terminal")
-        fcntl.ioctl(self.pty_fd, termios.TIOCSWINSZ, struct.pack("HHHH", size.rows, size.cols, 0, 0))
 
     def send_signal(self, signum: int) -> None:
         """The agent signals the process and its process group, while the process is unreaped

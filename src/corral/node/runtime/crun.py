@@ -26,15 +26,16 @@ import subprocess
 import termios
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from corral.core.errors import FailedPrecondition, Internal, InvalidArgument
+from corral.core.errors import Internal
 from corral.node import spawn
-from corral.node.runtime._fdio import is_readable_now, read_chunk, wait_readable, write_all
+from corral.node.runtime._fdio import is_readable_now, read_chunk, wait_readable
 from corral.node.runtime.base import ExitStatus, PtySize, SpawnRequest
 from corral.node.runtime.oci import build_exec_process
+from corral.node.runtime.process_io import ProcessIo
 from corral.node.runtime.runtimes import traits_for
 
 __all__ = ["OciRuntime", "RuntimeProcess", "RuntimeSpawner"]
@@ -117,7 +118,7 @@ class OciRuntime:
         return json.loads(out or b"[]") or []
 
 
-class RuntimeProcess:
+class RuntimeProcess(ProcessIo):
     """One process started with `<runtime> exec` (implements `corral.node.runtime.base.SpawnedProcess`).
 
     The runtime process is our child; it waits for the command and exits with the command's status
@@ -138,60 +139,16 @@ class RuntimeProcess:
         diag_fd: int | None = None,
         signal_command: Callable[[int, int], None] | None = None,
     ) -> None:
+        super().__init__(stdin_fd=stdin_fd, stdout_fd=stdout_fd, stderr_fd=stderr_fd, pty_fd=pty_fd)
         self.runtime_pid = runtime_pid
         # Set when the command is not a host process (runsc): signals it by sandbox pid and signal.
         self._signal_command = signal_command
         self.pid = pid
-        self.stdin_fd = stdin_fd
-        self.stdout_fd = stdout_fd
-        self.stderr_fd = stderr_fd
-        self.pty_fd = pty_fd
         self._diag_fd = diag_fd  # the runtime's own stderr when the command has a terminal
         self._runtime_pidfd: int | None = runtime_pidfd
         self._command_pid, self._command_pidfd = _open_command(runtime_pid)
         self._signals_sent: set[int] = set()
         self._status: ExitStatus | None = None
-        self._input_lock = asyncio.Lock()
-        self._writing: int | None = None  # the input fd a write_input is waiting on
-        self._close_after_write = False
-
-    def output_fds(self) -> Sequence[tuple[str, int]]:
-        if self.pty_fd is not None:
-            return [("pty", self.pty_fd)]
-        return [(name, fd) for name, fd in (("stdout", self.stdout_fd), ("stderr", self.stderr_fd)) if fd is not None]
-
-    async def write_input(self, data: bytes) -> None:
-        async with self._input_lock:
-            fd = self.pty_fd if self.pty_fd is not None else self.stdin_fd
-            if fd is None:
-                raise InvalidArgument("stdin is not enabled for this process (or it was closed)")
-            self._writing = fd
-            try:
-                await write_all(fd, data)
-            except OSError as exc:  # EPIPE: nobody reads any more (the process has exited)
-                raise FailedPrecondition(f"cannot write to process {self.pid}: {exc.strerror}") from None
-            finally:
-                self._writing = None
-                if self._close_after_write:
-                    self._close_after_write = False
-                    os.close(fd)
-
-    def close_stdin(self) -> None:
-        fd, self.stdin_fd = self.stdin_fd, None
-        if fd is not None:
-            self._release(fd)
-
-    def _release(self, fd: int) -> None:
-        # A writer may be waiting on this fd: closing it now could hand its number to another file.
-        if fd == self._writing:
-            self._close_after_write = True
-        else:
-            os.close(fd)
-
-    def resize(self, size: PtySize) -> None:
-        if self.pty_fd is None:
-            raise InvalidArgument("process has no pseudo-terminal")
-        fcntl.ioctl(self.pty_fd, termios.TIOCSWINSZ, struct.pack("HHHH", size.rows, size.cols, 0, 0))
 
     def send_signal(self, signum: int) -> None:
         """Signal the command and its process group (a pipeline, its children), while it runs.
