@@ -13,17 +13,28 @@ import ipaddress
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from corral.testing import DEFAULT_HOME, TEST_API_KEY, free_port, seed_home
+from corral.testing import DEFAULT_HOME, TEST_API_KEY, free_port, seed_home, shifted_subnet
 from corral.testing import ServerProcess as _ServerProcess
 
 TEST_HOME = Path(os.environ.get("CORRAL_TEST_HOME", "/var/lib/corral-test"))
 # Separate runs on one machine (a developer's and CI's) must differ in all three.
 TEST_BRIDGE = os.environ.get("CORRAL_TEST_BRIDGE", "crltest0")
 TEST_SUBNET = os.environ.get("CORRAL_TEST_SUBNET", "10.202.0.0/16")
-__all__ = ["DEFAULT_HOME", "TEST_API_KEY", "TEST_BRIDGE", "TEST_HOME", "TEST_SUBNET", "ServerProcess", "ensure_test_template"]
+__all__ = [
+    "DEFAULT_HOME",
+    "TEST_API_KEY",
+    "TEST_BRIDGE",
+    "TEST_HOME",
+    "TEST_SUBNET",
+    "ServerProcess",
+    "ensure_test_template",
+    "extra_server",
+    "shifted_subnet",
+]
 _free_port = free_port
 
 
@@ -34,6 +45,22 @@ def fake_resolver_address() -> str:
     from tests.network_fixtures import FakeResolver
 
     return FakeResolver(ipaddress.IPv4Network(TEST_SUBNET).network_address.packed[1]).address
+
+
+@contextlib.contextmanager
+def extra_server(home: Path, bridge: str, subnet: str, **options: Any) -> Iterator[ServerProcess]:
+    """Another real server of this run, on a home, bridge and subnet of its own (`options` as for
+    `ServerProcess`); whatever sandboxes it still has are killed when it stops."""
+    home.mkdir(parents=True, exist_ok=True)
+    ensure_test_template(home)
+    server = ServerProcess(_free_port(), home=home, bridge=bridge, subnet=subnet, **options)
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(Exception):
+            server.kill_all_sandboxes()
+        server.stop()
 
 
 def ensure_test_template(home: Path = TEST_HOME) -> None:

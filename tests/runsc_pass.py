@@ -11,22 +11,14 @@ pass's subnet is the first pass's +8, so none of its subnets (+8, +56, +104) mee
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
+
+from corral.testing import shifted_subnet
 
 __all__ = ["runsc_pass_env"]
 
 SUBNET_SHIFT = 8
-
-
-def _shifted(subnet: str, by: int) -> str:
-    net = ipaddress.IPv4Network(subnet)
-    first, second = net.network_address.packed[:2]
-    moved = (second + by) % 256
-    if moved == 255:  # keep clear of 10.255/16 (this machine's resolver lives there)
-        moved = 254
-    return f"{first}.{moved}.0.0/{max(net.prefixlen, 16)}"
 
 
 def runsc_pass_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -37,7 +29,7 @@ def runsc_pass_env(env: Mapping[str, str]) -> dict[str, str]:
         "CORRAL_RUNTIME": "runsc",
         "CORRAL_TEST_HOME": f"{home.rstrip('/')}-gvisor",
         "CORRAL_TEST_BRIDGE": bridge[:13] + "v",  # 14 characters at most: suffixes keep it under 15
-        "CORRAL_TEST_SUBNET": _shifted(subnet, SUBNET_SHIFT),
+        "CORRAL_TEST_SUBNET": shifted_subnet(subnet, SUBNET_SHIFT),
     }
 
 

@@ -12,6 +12,7 @@ bridge and subnet: two servers on one bridge would remove each other's sandboxes
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import shutil
 import signal
@@ -25,10 +26,21 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["DEFAULT_HOME", "TEST_API_KEY", "ServerProcess", "free_port", "seed_home"]
+__all__ = ["DEFAULT_HOME", "TEST_API_KEY", "ServerProcess", "free_port", "seed_home", "shifted_subnet"]
 
 DEFAULT_HOME = Path("/var/lib/corral")
 TEST_API_KEY = "e2b_" + "7e57" * 10
+
+
+def shifted_subnet(subnet: str, by: int) -> str:
+    """`subnet` with its second octet moved up by `by`: a /16 for another server of the same run
+    (10.202/16 + 32 -> 10.234/16). 10.255/16 is skipped: this machine's resolver lives there."""
+    net = ipaddress.IPv4Network(subnet)
+    first, second = net.network_address.packed[:2]
+    moved = (second + by) % 256
+    if moved == 255:
+        moved = 254
+    return f"{first}.{moved}.0.0/{max(net.prefixlen, 16)}"
 
 
 def free_port() -> int:

@@ -11,8 +11,6 @@ because it loads its trusted certificates (system ones, `SSL_CERT_FILE`) once pe
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
 import json
 import os
 import ssl
@@ -31,26 +29,17 @@ from tests.conftest import (
     TEST_HOME,
     TEST_SUBNET,
     ServerProcess,
-    _free_port,
-    ensure_test_template,
+    extra_server,
+    shifted_subnet,
 )
 from tests.network_fixtures import make_ca, make_cert
 
 pytestmark = [pytest.mark.timeout(240)]
 
 DOMAIN = "corral.test"
-
-
-def _shifted_subnet(subnet: str, by: int = 48) -> str:
-    net = ipaddress.IPv4Network(subnet)
-    first, second = net.network_address.packed[:2]
-    moved = (second + by) % 256
-    return f"{first}.{254 if moved == 255 else moved}.0.0/16"
-
-
 TLS_HOME = Path(os.environ.get("CORRAL_TEST_TLS_HOME", f"{TEST_HOME}-tls"))
 TLS_BRIDGE = os.environ.get("CORRAL_TEST_TLS_BRIDGE", TEST_BRIDGE[:14] + "s")
-TLS_SUBNET = os.environ.get("CORRAL_TEST_TLS_SUBNET", _shifted_subnet(TEST_SUBNET))
+TLS_SUBNET = os.environ.get("CORRAL_TEST_TLS_SUBNET", shifted_subnet(TEST_SUBNET, 48))
 
 # Run with the official SDK against the TLS server: create a sandbox, serve a port in it.
 SDK_SCRIPT = r"""
@@ -75,19 +64,11 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serve
     ca = make_ca(directory)
     (directory / "server").mkdir()
     cert, key = make_cert(directory / "server", [f"*.{DOMAIN}", DOMAIN, "localhost"], ["127.0.0.1"], ca=ca)
-    TLS_HOME.mkdir(parents=True, exist_ok=True)
-    ensure_test_template(TLS_HOME)
-    server = ServerProcess(
-        _free_port(), home=TLS_HOME, bridge=TLS_BRIDGE, subnet=TLS_SUBNET, tls_ca=ca[0],
+    with extra_server(
+        TLS_HOME, TLS_BRIDGE, TLS_SUBNET, tls_ca=ca[0],
         extra_args=["--tls-cert", str(cert), "--tls-key", str(key), "--domain", DOMAIN],
-    )  # fmt: skip
-    server.start()
-    try:
+    ) as server:  # fmt: skip
         yield server, ca[0]
-    finally:
-        with contextlib.suppress(Exception):
-            server.kill_all_sandboxes()
-        server.stop()
 
 
 def test_https_to_a_sandbox_port_by_name(tls_server: tuple[ServerProcess, Path]) -> None:

@@ -8,45 +8,22 @@ CORRAL_BUILD_CACHE_MAX_AGE_HOURS=0, so its layers directory holds exactly what s
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    TEST_BRIDGE,
-    TEST_HOME,
-    TEST_SUBNET,
-    ServerProcess,
-    _free_port,
-    ensure_test_template,
-)
-from tests.security.conftest import _shifted_subnet
+from tests.conftest import TEST_BRIDGE, TEST_HOME, TEST_SUBNET, ServerProcess, extra_server, shifted_subnet
 
 GC_HOME = Path(os.environ.get("CORRAL_TEST_GC_HOME", f"{TEST_HOME}-gc"))
 GC_BRIDGE = os.environ.get("CORRAL_TEST_GC_BRIDGE", TEST_BRIDGE[:14] + "c")
-GC_SUBNET = os.environ.get("CORRAL_TEST_GC_SUBNET", _shifted_subnet(TEST_SUBNET, 96))
+GC_SUBNET = os.environ.get("CORRAL_TEST_GC_SUBNET", shifted_subnet(TEST_SUBNET, 96))
 
 
 @pytest.fixture(scope="session")
 def gc_server() -> Iterator[ServerProcess]:
     if os.geteuid() != 0:
         pytest.skip("needs root and the real OCI runtime")
-    GC_HOME.mkdir(parents=True, exist_ok=True)
-    ensure_test_template(GC_HOME)
-    server = ServerProcess(
-        _free_port(),
-        home=GC_HOME,
-        bridge=GC_BRIDGE,
-        subnet=GC_SUBNET,
-        env={"CORRAL_BUILD_CACHE_MAX_AGE_HOURS": "0"},
-    )
-    server.start()
-    try:
+    with extra_server(GC_HOME, GC_BRIDGE, GC_SUBNET, env={"CORRAL_BUILD_CACHE_MAX_AGE_HOURS": "0"}) as server:
         yield server
-    finally:
-        with contextlib.suppress(Exception):
-            server.kill_all_sandboxes()
-        server.stop()

@@ -11,7 +11,6 @@ CORRAL_TEST_RUNSC_BRIDGE / CORRAL_TEST_RUNSC_SUBNET. User namespaces are on by d
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import shutil
 import statistics
@@ -28,23 +27,13 @@ from tests.conftest import (
     TEST_HOME,
     TEST_SUBNET,
     ServerProcess,
-    _free_port,
-    ensure_test_template,
+    extra_server,
+    shifted_subnet,
 )
-
-
-def _shifted_subnet(subnet: str, by: int = 32) -> str:
-    net = ipaddress.IPv4Network(subnet)
-    first, second = net.network_address.packed[:2]
-    moved = (second + by) % 256
-    if moved == 255:  # keep clear of 10.255/16 (this machine's resolver lives there)
-        moved = 254
-    return f"{first}.{moved}.0.0/{max(net.prefixlen, 16)}"
-
 
 RUNSC_HOME = Path(os.environ.get("CORRAL_TEST_RUNSC_HOME", f"{TEST_HOME}-runsc"))
 RUNSC_BRIDGE = os.environ.get("CORRAL_TEST_RUNSC_BRIDGE", TEST_BRIDGE[:14] + "g")
-RUNSC_SUBNET = os.environ.get("CORRAL_TEST_RUNSC_SUBNET", _shifted_subnet(TEST_SUBNET))
+RUNSC_SUBNET = os.environ.get("CORRAL_TEST_RUNSC_SUBNET", shifted_subnet(TEST_SUBNET, 32))
 DEFAULT_RUNTIME = os.environ.get("CORRAL_RUNTIME", "crun")
 
 
@@ -56,22 +45,8 @@ def runsc_server(corral_server: ServerProcess) -> Iterator[ServerProcess]:
         return
     if shutil.which("runsc") is None:
         pytest.skip("runsc (gVisor) is not installed: apt-get install runsc")
-    RUNSC_HOME.mkdir(parents=True, exist_ok=True)
-    ensure_test_template(RUNSC_HOME)
-    server = ServerProcess(
-        _free_port(),
-        home=RUNSC_HOME,
-        bridge=RUNSC_BRIDGE,
-        subnet=RUNSC_SUBNET,
-        env={"CORRAL_RUNTIME": "runsc"},
-    )
-    server.start()
-    try:
+    with extra_server(RUNSC_HOME, RUNSC_BRIDGE, RUNSC_SUBNET, env={"CORRAL_RUNTIME": "runsc"}) as server:
         yield server
-    finally:
-        with contextlib.suppress(Exception):
-            server.kill_all_sandboxes()
-        server.stop()
 
 
 @pytest.fixture(scope="session")

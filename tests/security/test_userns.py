@@ -248,7 +248,7 @@ def test_an_escaped_process_cannot_read_the_home(userns_server: ServerProcess) -
     uid = FIRST_BASE  # the root of the first sandbox range
     probe = (
         "import os, sys\n"
-        "os.setgroups([]); os.setgid(%d); os.setuid(%d)\n"
+        f"os.setgroups([]); os.setgid({uid}); os.setuid({uid})\n"
         "home = sys.argv[1]\n"
         "hits = []\n"
         "for path in [home, home + '/layers', home + '/templates', home + '/builds', home + '/corral.db']:\n"
@@ -258,7 +258,7 @@ def test_an_escaped_process_cannot_read_the_home(userns_server: ServerProcess) -
         "    except (PermissionError, FileNotFoundError):\n"
         "        pass\n"
         "print(' '.join(hits))\n"
-    ) % (uid, uid)
+    )
     out = subprocess.run([sys.executable, "-c", probe, str(home)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"readable by host uid {uid}: {out.stdout}"
     assert (home / "layers").is_dir()  # the probe looked at something that is there
