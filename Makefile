@@ -29,6 +29,7 @@ RUNSC_TESTS ?= tests/compat tests/integration tests/security tests/cli
 endif
 
 test: setup
+	@bash scripts/generate.sh --check  # the committed protobuf/Connect code matches spec/envd (installs the generators once)
 	$(VENV)/bin/python -m pytest $(TESTS) $(PYTEST_ARGS)
 	@if [ -n "$(strip $(RUNSC_TESTS))" ]; then \
 		echo "== the integration suites on gVisor: $$($(VENV)/bin/python -m tests.runsc_pass)"; \
