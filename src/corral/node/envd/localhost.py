@@ -21,80 +21,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import logging
-import os
 import socket
-import threading
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.server import ServerState
 
 from corral.core.sandbox import ENVD_PORT
+from corral.node.network.in_netns import run_in_netns
 
 __all__ = ["LOCAL_ENVD_HOST", "LocalEnvd", "bind_in_netns", "local_headers"]
 
 log = logging.getLogger(__name__)
 
 LOCAL_ENVD_HOST = "127.0.0.1"
-CLONE_NEWNET = 0x40000000
 _BACKLOG = 64
 _MAX_CONNECTIONS = 64  # per sandbox; uvicorn answers 503 beyond
 _STRIPPED = {b"host", b"e2b-sandbox-id", b"e2b-sandbox-port"}
 
 Serve = Callable[[Scope, Receive, Send, tuple[str, int]], Awaitable[None]]
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int, nstype: int) -> None:
-    if _libc.setns(fd, nstype) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
 def bind_in_netns(netns_path: str, host: str, port: int, backlog: int = _BACKLOG) -> socket.socket:
     """A listening, non-blocking TCP socket bound to host:port inside the network namespace at
     `netns_path` (e.g. `/proc/<pid>/ns/net`). Runs in a short-lived thread of its own."""
-    result: dict[str, Any] = {}
 
-    def work() -> None:
+    def bind() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                target = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    _setns(target, CLONE_NEWNET)
-                    try:
-                        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                        try:
-                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                            sock.bind((host, port))
-                            sock.listen(backlog)
-                            sock.setblocking(False)
-                        except BaseException:
-                            sock.close()
-                            raise
-                    finally:
-                        _setns(own, CLONE_NEWNET)  # if this failed, the thread still ends here
-                finally:
-                    os.close(target)
-            finally:
-                os.close(own)
-            result["socket"] = sock
-        except Exception as exc:  # noqa: BLE001 - handed to the caller, which raises it
-            result["error"] = exc
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
-    thread = threading.Thread(target=work, name="corral-netns-bind", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["socket"]
+    return run_in_netns(netns_path, bind, name="corral-netns-bind")
 
 
 def local_headers(headers: list[tuple[bytes, bytes]], sandbox_id: str) -> list[tuple[bytes, bytes]]:

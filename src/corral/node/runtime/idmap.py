@@ -43,6 +43,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from corral.node.network.in_netns import run_in_netns
+
 __all__ = [
     "FIRST_BASE",
     "OVERFLOW_ID",
@@ -236,7 +238,6 @@ def release_layers(targets: Iterable[Path]) -> None:
             pass
 
 
-_CLONE_NEWNET = 0x40000000
 _LOW_PORTS_SYSCTL = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
 
 
@@ -245,38 +246,17 @@ def allow_low_ports(netns_path: str) -> None:
 
     The sandbox's netns belongs to the host's user namespace, so root in the sandbox's own user
     namespace has no CAP_NET_BIND_SERVICE there. /proc/sys/net is the namespace of the thread
-    that opens it: a short-lived thread of its own joins the netns, writes, and ends (no pool
-    thread is ever left in a sandbox's namespace; no `nsenter` process per boot). OSError on failure.
+    that opens it (`corral.node.network.in_netns`). OSError on failure.
     """
-    failure: list[BaseException] = []
 
-    def work() -> None:
+    def write_sysctl() -> None:
+        fd = os.open(_LOW_PORTS_SYSCTL, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                target = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    _check(_libc.setns(target, _CLONE_NEWNET), f"setns {netns_path}")
-                    try:
-                        fd = os.open(_LOW_PORTS_SYSCTL, os.O_WRONLY | os.O_CLOEXEC)
-                        try:
-                            os.write(fd, b"0\n")
-                        finally:
-                            os.close(fd)
-                    finally:
-                        _check(_libc.setns(own, _CLONE_NEWNET), "setns back")  # else the thread just ends
-                finally:
-                    os.close(target)
-            finally:
-                os.close(own)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            failure.append(exc)
+            os.write(fd, b"0\n")
+        finally:
+            os.close(fd)
 
-    thread = threading.Thread(target=work, name="corral-netns-sysctl", daemon=True)
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
+    run_in_netns(netns_path, write_sysctl, name="corral-netns-sysctl")
 
 
 def config_idmap(config: dict[str, Any]) -> IdMap | None:
