@@ -59,7 +59,7 @@ SUBNET = NET("10.202.0.0/16")
 def test_package_exports_what_it_declares() -> None:
     public = {n for n in dir(network) if not n.startswith("_")} - {
         "base", "dns", "fake", "host", "addressing", "links", "naming", "ruleset", "annotations",
-        "policy", "sniff", "egress_proxy", "resolutions",
+        "policy", "sniff", "egress_proxy", "resolutions", "in_netns",
     }  # fmt: skip
     assert set(network.__all__) == public
 
