@@ -105,7 +105,11 @@ def test_fork_bomb(corral_server: ServerProcess, neighbour: Sandbox, make_sandbo
     )
     peak.append(_read_int(pids / "pids.current"))
     assert max(peak) <= limit
-    assert max(peak) > 100, "the bomb never got going: the test proved nothing"
+    # On runsc, processes are not host tasks: the cgroup counts the Sentry's threads, and the bomb
+    # ends at gVisor's own limits or with the Sentry OOM-killed (the whole sandbox dies, contained
+    # as in test_memory_bomb); the neighbour's latency is the check there.
+    if DEFAULT_RUNTIME != "runsc":
+        assert max(peak) > 100, "the bomb never got going: the test proved nothing"
     attacker.kill()
     deadline = time.monotonic() + 30  # the kill answers before the teardown is done
     while pids.exists() and time.monotonic() < deadline:
