@@ -267,6 +267,17 @@ def test_bridge_batch_creates_or_converges() -> None:
     ]
     again = bridge_batch("crltest0", {"linkinfo": {"info_kind": "bridge"}}, gw, 1400).splitlines()
     assert again == new[-3:]  # every line idempotent
+    # a server that ran with another subnet left its gateway: it goes (redirect targets the first address)
+    addrs = [
+        {"ifname": "eth0", "addr_info": [{"family": "inet", "local": "192.0.2.2", "prefixlen": 24}]},
+        {"ifname": "crltest0", "addr_info": [
+            {"family": "inet", "local": "10.230.0.1", "prefixlen": 16},
+            {"family": "inet", "local": "10.202.0.1", "prefixlen": 16},
+            {"family": "inet6", "local": "fe80::1", "prefixlen": 64},
+        ]},
+    ]  # fmt: skip
+    stale = bridge_batch("crltest0", {"linkinfo": {"info_kind": "bridge"}}, gw, 1400, addrs).splitlines()
+    assert stale == [*new[-3:-1], "addr del 10.230.0.1/16 dev crltest0", new[-1]]
     with pytest.raises(ValueError, match="not a bridge"):
         bridge_batch("crltest0", {"linkinfo": {"info_kind": "veth"}}, gw, 1400)
     with pytest.raises(ValueError, match="not a bridge"):

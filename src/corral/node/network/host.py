@@ -175,14 +175,15 @@ class SandboxNetwork:
             links = _exec.parse_json((await self._ip_run("-json", "link", "show")).stdout)
             self._mtu = parse_uplink_mtu(routes, links)
             gateway_iface = ipaddress.IPv4Interface(f"{self.gateway}/{self.subnet.prefixlen}")
+            addrs = _exec.parse_json((await self._ip_run("-json", "addr", "show")).stdout)
             try:
-                batch = bridge_batch(self.bridge, existing, gateway_iface, self._mtu)
+                batch = bridge_batch(self.bridge, existing, gateway_iface, self._mtu, addrs)
             except ValueError as exc:
                 raise FailedPrecondition(str(exc)) from None
             await self._ip_batch(batch)
             _write_sysctl("net/ipv6/conf/" + self.bridge + "/disable_ipv6", "1")
             _write_sysctl("net/ipv4/ip_forward", "1")
-            addrs = _exec.parse_json((await self._ip_run("-json", "addr", "show")).stdout)
+            addrs = [a for a in addrs if a.get("ifname") != self.bridge]  # its own addresses come below
             host_networks = parse_host_networks(addrs)
             self._denied = denied_networks(self.subnet, host_networks)
 

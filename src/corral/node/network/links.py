@@ -77,12 +77,19 @@ def parse_port_alias(alias: str) -> tuple[str, ipaddress.IPv4Address, bool] | No
 
 
 def bridge_batch(
-    bridge: str, existing: Mapping[str, Any] | None, gateway_iface: ipaddress.IPv4Interface, mtu: int
+    bridge: str,
+    existing: Mapping[str, Any] | None,
+    gateway_iface: ipaddress.IPv4Interface,
+    mtu: int,
+    addrs: Iterable[Mapping[str, Any]] = (),
 ) -> str:
-    """Create (or converge) the bridge: fixed MAC, no IPv6, MTU of the uplink, the gateway address, up.
+    """Create (or converge) the bridge: fixed MAC, no IPv6, MTU of the uplink, the gateway address
+    and no other, up.
 
     `existing` is the bridge's `ip -json -d link show` entry, or None. A non-bridge link of that
-    name is refused rather than repurposed.
+    name is refused rather than repurposed. `addrs` is `ip -json addr show`: an address left on the
+    bridge by a server that ran with another subnet goes, because `redirect` sends the egress
+    proxy's traffic to the bridge's first address, which must be the gateway.
     """
     lines = []
     if existing is None:
@@ -98,6 +105,11 @@ def bridge_batch(
     lines += [
         f"link set dev {bridge} mtu {mtu}",
         f"addr replace {gateway_iface} dev {bridge}",
+        *(
+            f"addr del {stale} dev {bridge}"
+            for stale in _inet_addresses(addrs, bridge)
+            if stale != gateway_iface
+        ),
         f"link set dev {bridge} up",
     ]
     return "\n".join(lines) + "\n"
@@ -177,17 +189,25 @@ def parse_ports(links: Sequence[Mapping[str, Any]], prefix: str) -> dict[str, Po
     return ports
 
 
+def _inet_addresses(
+    addrs: Iterable[Mapping[str, Any]], ifname: str | None = None
+) -> list[ipaddress.IPv4Interface]:
+    """The IPv4 addresses in `ip -json addr show`, of one link or of all."""
+    return [
+        ipaddress.IPv4Interface(f"{info['local']}/{info.get('prefixlen', 32)}")
+        for link in addrs
+        if ifname is None or link.get("ifname") == ifname
+        for info in link.get("addr_info", [])
+        if info.get("family") == "inet"
+    ]
+
+
 def parse_host_networks(addrs: Iterable[Mapping[str, Any]]) -> list[ipaddress.IPv4Network]:
     """IPv4 networks of the host's addresses (`ip -json addr show`), e.g. 192.0.2.0/24 for
     192.0.2.2/24 on eth0, plus each address as a /32."""
-    nets: list[ipaddress.IPv4Network] = []
-    for link in addrs:
-        for info in link.get("addr_info", []):
-            if info.get("family") != "inet":
-                continue
-            iface = ipaddress.IPv4Interface(f"{info['local']}/{info.get('prefixlen', 32)}")
-            nets += [iface.network, ipaddress.IPv4Network(iface.ip)]
-    return nets
+    return [
+        net for iface in _inet_addresses(addrs) for net in (iface.network, ipaddress.IPv4Network(iface.ip))
+    ]
 
 
 def parse_uplink_mtu(routes: Sequence[Mapping[str, Any]], links: Sequence[Mapping[str, Any]]) -> int:
