@@ -18,6 +18,9 @@ pytestmark = pytest.mark.compat
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
+LISTENING_8000 = "for i in $(seq 300); do curl -s -o /dev/null http://127.0.0.1:8000/ && exit; sleep 0.1; done; exit 1"
+
+
 def _wait(predicate, timeout: float = 15.0, step: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -187,10 +190,12 @@ def test_timeout_pause_without_auto_resume_needs_connect(e2b_env) -> None:
 
 
 def test_auto_resume_wakes_on_http_request(e2b_env) -> None:
-    sbx = Sandbox.create(timeout=2, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    sbx = Sandbox.create(timeout=60, lifecycle={"on_timeout": "pause", "auto_resume": True})
     try:
         assert sbx.get_info().lifecycle == {"on_timeout": "pause", "auto_resume": True}
         sbx.commands.run("python3 -m http.server 8000 >/dev/null 2>&1", background=True)
+        sbx.commands.run(LISTENING_8000)  # so the pause below finds it serving, however loaded the machine
+        sbx.set_timeout(1)
         assert _wait(lambda: Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED, timeout=10)
         r = httpx.get(f"{e2b_env.url}/", headers={"Host": f"8000-{sbx.sandbox_id}.localhost"}, timeout=15)
         assert r.status_code == 200 and "Directory listing" in r.text

@@ -108,6 +108,8 @@ def test_allow_out_cannot_reopen_always_denied_ranges(make_sandbox: SandboxFacto
     neighbour = make_sandbox()
     neighbour.commands.run("python3 -m http.server 8080", background=True)
     neighbour_ip = neighbour.commands.run("hostname -I").stdout.split()[0]
+    # python needs a moment to listen (seconds on a loaded gVisor run): wait for it, inside
+    neighbour.commands.run("for i in $(seq 300); do curl -s -o /dev/null http://127.0.0.1:8080/ && exit; sleep 0.1; done; exit 1")
     host_ip = run("ip", "-4", "-o", "addr", "show", "dev", "eth0", check=False).stdout.split()
     host_ip = host_ip[3].split("/")[0] if len(host_ip) > 3 else "192.0.2.2"
     greedy_list = [inet.private, inet.link_local, "172.16.0.0/12", "169.254.0.0/16", "10.0.0.0/8",
