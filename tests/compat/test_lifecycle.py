@@ -257,6 +257,10 @@ def test_named_snapshots_list_filter_and_paginate(sandbox: Sandbox) -> None:
         page2 = pager.next_items()
         assert not pager.has_next and len(page2) == 1
         assert {page1[0].snapshot_id, page2[0].snapshot_id} == {first.snapshot_id, other.snapshot_id}
+
+        assert Sandbox.delete_snapshot(name) is True  # by its name, as by its id
+        assert Sandbox.list_snapshots(name=name).next_items() == []
+        assert Sandbox.delete_snapshot(first.snapshot_id) is False
     finally:
         Sandbox.delete_snapshot(first.snapshot_id)
         Sandbox.delete_snapshot(other.snapshot_id)

@@ -13,12 +13,14 @@ import json
 import struct
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from e2b import NotFoundException, Sandbox
+from e2b import NotFoundException, Sandbox, Template
+from e2b.exceptions import TemplateException
 
 from corral.core.ids import new_sandbox_id
 from tests.conftest import TEST_API_KEY, ServerProcess
@@ -57,9 +59,9 @@ def as_b(corral_server: ServerProcess, team_b_key: str) -> Iterator[httpx.Client
         yield client
 
 
-def _same_as_unknown(call, victim_id: str) -> None:  # type: ignore[no-untyped-def]
-    """`call(id)` answers for the victim's id exactly what it answers for an id nobody has."""
-    unknown_id = new_sandbox_id()
+def _same_as_unknown(call, victim_id: str, unknown_id: str | None = None) -> None:  # type: ignore[no-untyped-def]
+    """`call(id)` answers for the victim's id (or name) exactly what it answers for one nobody has."""
+    unknown_id = unknown_id or new_sandbox_id()
     victim, unknown = call(victim_id), call(unknown_id)
     assert victim.status_code == 404, (victim.status_code, victim.text)
     assert unknown.status_code == 404, (unknown.status_code, unknown.text)
@@ -153,6 +155,105 @@ def _start_build(client: httpx.Client, base: str) -> httpx.Response:
     return client.post(
         f"/v2/templates/{ids['templateID']}/builds/{ids['buildID']}", json={"fromTemplate": base, "steps": []}
     )
+
+
+def _build_for_a(corral_server: ServerProcess, name: str) -> dict[str, str]:
+    """Team A builds template `name` (one RUN step on base, tagged v1) and waits until it is ready."""
+    with corral_server.api() as as_a:
+        ids = as_a.post("/v3/templates", json={"name": name, "tags": ["v1"]}).json()
+        started = as_a.post(
+            f"/v2/templates/{ids['templateID']}/builds/{ids['buildID']}",
+            json={"fromTemplate": "base", "steps": [{"type": "RUN", "args": [f"echo {name} > /tmp/a.txt"]}]},
+        )
+        assert started.status_code == 202, started.text
+        deadline = time.monotonic() + 180
+        status = "building"
+        while status == "building" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            answer = as_a.get(f"/templates/{ids['templateID']}/builds/{ids['buildID']}/status").json()
+            status = answer["status"]
+        assert status == "ready", answer
+    return ids
+
+
+def test_team_b_learns_nothing_of_team_a_template_and_snapshot_names(
+    corral_server: ServerProcess, make_sandbox: SandboxFactory, as_b: httpx.Client, team_b_key: str
+) -> None:
+    """Lookups by name, id or tag (alias, tags, tag changes, delete, uploads, builds) answer for A's
+    templates and snapshots exactly what they answer for names nobody has; the public `base` stays
+    visible to B, and A's templates are unchanged."""
+    built_name = f"a-built-{uuid.uuid4().hex[:8]}"
+    built = _build_for_a(corral_server, built_name)
+    snapshot_name = f"a-snap-{uuid.uuid4().hex[:8]}"
+    snapshot = make_sandbox().create_snapshot(name=snapshot_name)
+    try:
+        calls = {
+            "alias": lambda r: as_b.get(f"/templates/aliases/{r}"),
+            "list tags": lambda r: as_b.get(f"/templates/{r}/tags"),
+            "list tags of a tag": lambda r: as_b.get(f"/templates/{r}:v1/tags"),
+            "assign tags": lambda r: as_b.post("/templates/tags", json={"target": r, "tags": ["stolen"]}),
+            "assign from a tag": lambda r: as_b.post(
+                "/templates/tags", json={"target": f"{r}:v1", "tags": ["x"]}
+            ),
+            "remove tags": lambda r: as_b.request(
+                "DELETE", "/templates/tags", json={"name": r, "tags": ["v1"]}
+            ),
+            "upload link": lambda r: as_b.get(f"/templates/{r}/files/{'f' * 64}"),
+            "delete": lambda r: as_b.delete(f"/templates/{r}"),
+        }
+        victims = (built_name, built["templateID"], snapshot_name, snapshot.snapshot_id)
+        for victim in victims:
+            for what, call in calls.items():
+                try:
+                    _same_as_unknown(call, victim, unknown_id=f"nobody-{uuid.uuid4().hex[:8]}")
+                    _same_as_unknown(call, victim)  # an unknown id, too
+                except AssertionError as exc:
+                    raise AssertionError(f"{what} of {victim}: {exc}") from None
+
+        # A's build, by its ids: status and start answer as for a build nobody has.
+        unknown_build = str(uuid.uuid4())
+        for path, send in (
+            ("/templates/{t}/builds/{b}/status", as_b.get),
+            (
+                "/v2/templates/{t}/builds/{b}",
+                lambda url: as_b.post(url, json={"fromTemplate": "base", "steps": []}),
+            ),
+        ):
+            for template_ref in (built["templateID"], built_name):
+                victim = send(path.format(t=template_ref, b=built["buildID"]))
+                unknown = send(path.format(t="nobody", b=unknown_build))
+                assert victim.status_code == unknown.status_code == 404, (path, victim.text)
+                normalised = victim.text.replace(built["buildID"], "<b>").replace(template_ref, "<t>")
+                assert normalised == unknown.text.replace(unknown_build, "<b>").replace("nobody", "<t>")
+
+        # Names are one namespace, so B cannot claim A's names; the answer is the same for a
+        # built template and a snapshot, and names neither's id.
+        claims = [as_b.post("/v3/templates", json={"name": n}) for n in (built_name, snapshot_name)]
+        assert [c.status_code for c in claims] == [409, 409], [c.text for c in claims]
+        assert claims[0].text.replace(built_name, "<n>") == claims[1].text.replace(snapshot_name, "<n>")
+        assert built["templateID"] not in claims[0].text and snapshot.snapshot_id not in claims[1].text
+
+        # The official SDK with B's key: A's names do not exist (E2B would say they do, with a 403).
+        b_opts = {**sdk_opts(corral_server), "api_key": team_b_key}
+        for victim in victims:
+            assert Template.exists(victim, **b_opts) is False
+            with pytest.raises(TemplateException):
+                Template.get_tags(victim, **b_opts)
+        # The controls: the public base is B's to see, and A sees its own (tags untouched).
+        assert Template.exists("base", **b_opts) is True
+        assert as_b.get("/templates/aliases/base").json() == {"templateID": "base", "public": True}
+        assert [t["tag"] for t in as_b.get("/templates/base/tags").json()] == ["default"]
+        with corral_server.api() as as_a:
+            for victim in victims:
+                alias = as_a.get(f"/templates/aliases/{victim}")
+                assert alias.status_code == 200 and alias.json()["public"] is False, alias.text
+            assert [t["tag"] for t in as_a.get(f"/templates/{built_name}/tags").json()] == ["v1"]
+            assert [t["tag"] for t in as_a.get(f"/templates/{snapshot_name}/tags").json()] == ["default"]
+        assert Template.exists(snapshot_name, **sdk_opts(corral_server)) is True
+    finally:
+        Sandbox.delete_snapshot(snapshot.snapshot_id, **sdk_opts(corral_server))
+        with corral_server.api() as as_a:
+            assert as_a.delete(f"/templates/{built['templateID']}").status_code == 204
 
 
 def _envd(corral_server: ServerProcess, sandbox_id: str, token: str, api_key: str) -> httpx.Response:

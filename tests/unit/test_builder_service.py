@@ -281,7 +281,7 @@ async def test_templates_of_other_teams_and_system_templates(client: httpx.Async
     await _start(client, created)
     await _wait(client, created)
     other = {"X-API-Key": OTHER_KEY}
-    assert (await client.get("/templates/aliases/mine", headers=other)).status_code == 403  # SDK: exists
+    assert (await client.get("/templates/aliases/mine", headers=other)).status_code == 404  # not E2B's 403
     assert (await client.get("/templates/aliases/base", headers=other)).json() == {
         "templateID": "base",
         "public": True,
@@ -296,6 +296,39 @@ async def test_templates_of_other_teams_and_system_templates(client: httpx.Async
     ).status_code == 404
     assert (await client.request("DELETE", "/templates/base")).status_code == 404  # not the builder's
     assert (await client.get("/templates", headers=other)).json() == []
+
+
+async def test_another_teams_snapshot_is_unknown_and_the_teams_own_is_not_public(
+    client: httpx.AsyncClient, service: TemplateBuildService
+) -> None:
+    """A snapshot's manifest names no team (the sandbox service knows its owner): it must not pass
+    for a public template. For another team every lookup answers as for a name nobody has."""
+    service.templates.save(TemplateManifest(template_id="snap1", names=("a-snap",), layers=(LAYER,)))
+    service._template_owner = lambda m: "team-a" if m.template_id == "snap1" else m.team_id
+    other = {"X-API-Key": OTHER_KEY}
+    for ref, unknown in (("a-snap", "nobody"), ("snap1", "nobody1")):
+        for method, url, body in (
+            ("GET", "/templates/aliases/{}", None),
+            ("GET", "/templates/{}/tags", None),
+            ("POST", "/templates/tags", {"target": "{}", "tags": ["x"]}),
+            ("DELETE", "/templates/tags", {"name": "{}", "tags": ["default"]}),
+            ("POST", "/v3/templates", {"name": "{}"}),
+        ):
+            answers = []
+            for name in (ref, unknown):
+                json = {k: v.format(name) if isinstance(v, str) else v for k, v in (body or {}).items()}
+                response = await client.request(method, url.format(name), json=json or None, headers=other)
+                answers.append((response.status_code, response.text.replace(name, "<n>")))
+            if url == "/v3/templates":  # names are one namespace: taken, but no id or kind told
+                assert answers[0][0] == 409 and "snap1" not in answers[0][1]
+            else:
+                assert answers[0] == answers[1] and answers[0][0] == 404, (url, answers)
+    mine = await client.get("/templates/aliases/a-snap")
+    assert mine.json() == {"templateID": "snap1", "public": False}
+    assert [t["tag"] for t in (await client.get("/templates/a-snap/tags")).json()] == ["default"]
+    tagged = await client.post("/templates/tags", json={"target": "a-snap", "tags": ["x"]})
+    assert tagged.status_code == 403 and "snapshot" in tagged.text
+    assert (await client.post("/v3/templates", json={"name": "a-snap"})).status_code == 403
 
 
 async def test_list_and_delete(client: httpx.AsyncClient) -> None:

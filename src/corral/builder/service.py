@@ -346,15 +346,24 @@ class TemplateBuildService:
         async with self._lock(template_id):
             yield self._owned(team_id, template_id)
 
-    def _owned(self, team_id: str, id_or_name: str) -> TemplateManifest:
-        """The team's own template (by id or name); 403 for a system template, 404 otherwise."""
+    def _seen(self, team_id: str, id_or_name: str) -> tuple[TemplateManifest, str | None]:
+        """The template (by id or name) and its owner, when the team may know of it: a public one
+        (owner None: the server's, like base), its own build or its own snapshot. Another team's
+        (snapshots too) raises exactly the NotFound an unknown name raises, so nothing leaks."""
         manifest = self.templates.find(id_or_name)
-        if manifest is None:
+        owner = self._template_owner(manifest) if manifest is not None else None
+        if manifest is None or owner not in (None, team_id):
             raise NotFound(f"template '{id_or_name}' not found")
-        if manifest.team_id is None:
+        return manifest, owner
+
+    def _owned(self, team_id: str, id_or_name: str) -> TemplateManifest:
+        """The team's own built template (by id or name): 404 for an unknown or another team's one,
+        403 for a public one (the server's) or a snapshot (neither is the builder's to change)."""
+        manifest, owner = self._seen(team_id, id_or_name)
+        if owner is None:
             raise PermissionDenied(f"template '{id_or_name}' belongs to this server, not to your team")
-        if manifest.team_id != team_id:
-            raise NotFound(f"template '{id_or_name}' not found")
+        if manifest.team_id != team_id:  # the team's snapshot: its manifest names no team
+            raise PermissionDenied(f"template '{id_or_name}' is a snapshot, not a built template")
         return manifest
 
     def _visible(self, team_id: str, ref: str) -> TemplateManifest:
@@ -403,12 +412,15 @@ class TemplateBuildService:
                 await self.node.runtime_named(runtime)  # installed, and not refused (FailedPrecondition)
         existing = self.templates.find(identifier)
         if existing is not None:
-            if existing.team_id is None:
-                raise PermissionDenied(
-                    f"the name '{identifier}' is taken by a template this server provides or by a snapshot"
-                )
-            if existing.team_id != team_id:
+            # Names are one namespace, so a taken name is refused; another team's template answers
+            # the same whether it is a build or a snapshot, and names neither its id nor its kind.
+            owner = self._template_owner(existing)
+            if owner is None:
+                raise PermissionDenied(f"the name '{identifier}' is taken by a template this server provides")
+            if owner != team_id:
                 raise AlreadyExists(f"template name '{identifier}' is taken by another team")
+            if existing.team_id != team_id:
+                raise PermissionDenied(f"the name '{identifier}' is taken by one of your snapshots")
             template_id = existing.template_id
         else:
             template_id = (
@@ -595,12 +607,10 @@ class TemplateBuildService:
     # -- aliases, tags, list, delete ---------------------------------------------------------------
 
     async def alias(self, team_id: str, alias: str) -> dict[str, Any]:
-        manifest = self.templates.find(alias)
-        if manifest is None:
-            raise NotFound(f"template '{alias}' not found")
-        if manifest.team_id not in (None, team_id):
-            raise PermissionDenied(f"You don't have access to sandbox template '{alias}'")
-        return {"templateID": manifest.template_id, "public": manifest.public}
+        """E2B answers 403 for another team's name (`Template.exists` → True); Corral answers the 404
+        of an unknown name, so a key learns nothing about other teams' templates and snapshots."""
+        manifest, owner = self._seen(team_id, alias)
+        return {"templateID": manifest.template_id, "public": owner is None}
 
     async def assign_tags(self, team_id: str, target: str, tags: Sequence[str]) -> dict[str, Any]:
         if not tags:
@@ -638,9 +648,10 @@ class TemplateBuildService:
 
     async def list_tags(self, team_id: str, id_or_name: str) -> list[dict[str, Any]]:
         identifier, _ = parse_name(id_or_name) if ":" in id_or_name else (id_or_name, None)
-        manifest = self.templates.find(identifier)
-        if manifest is None or manifest.team_id not in (None, team_id):
-            raise NotFound(f"template '{id_or_name}' not found")
+        try:
+            manifest, _owner = self._seen(team_id, identifier)
+        except NotFound:
+            raise NotFound(f"template '{id_or_name}' not found") from None
         tags = dict(manifest.tags) or {DEFAULT_TAG: manifest.build_id}
         out = []
         for tag, build_id in sorted(tags.items()):

@@ -268,7 +268,7 @@ def build_status_request(template_id: str, build_id: str, logs_offset: int = 0) 
 
 
 def alias_request(name: str) -> ApiRequest:
-    """`GET /templates/aliases/{name}` (200 or 403: it exists; 404: it does not)."""
+    """`GET /templates/aliases/{name}` (200, or 403 from E2B for another team's: it exists; 404: it does not)."""
     return ApiRequest("GET", f"/templates/aliases/{_segment(name, 'template name')}")
 
 

@@ -597,10 +597,10 @@ class SandboxService:
 
     def _check_name_free(self, name: str) -> None:
         try:
-            other = self.templates.get(name)
+            self.templates.get(name)
         except NotFound:
             return
-        raise AlreadyExists(f"name '{name}' is already used by template '{other.template_id}'")
+        raise AlreadyExists(f"name '{name}' is already used by a template")  # maybe another team's: no id
 
     def _parent_template(self, row: Any) -> Any:
         try:
@@ -665,14 +665,16 @@ class SandboxService:
         )  # type: ignore[no-any-return]
 
     async def delete_snapshot(self, team_id: str, snapshot_id: str) -> None:
-        """`DELETE /templates/{id}` for a snapshot. Sandboxes made from it keep working."""
+        """`DELETE /templates/{id or name}` for a snapshot. Sandboxes made from it keep working."""
         async with self._layers_lock:
-            row = self.store.delete_snapshot(snapshot_id, team_id)
-            if row is None:
-                if self.store.get_snapshot(snapshot_id) is None:
-                    manifest = self.templates.find(snapshot_id)
-                    if manifest is not None and manifest.team_id is None:
-                        raise Unimplemented(f"template '{snapshot_id}' is provided by this server and cannot be deleted")
+            manifest = self.templates.find(snapshot_id)
+            if manifest is not None:
+                owner = self.template_owner(manifest)
+                if owner is None:
+                    raise Unimplemented(f"template '{snapshot_id}' is provided by this server and cannot be deleted")
+                if owner == team_id:  # by its name too; another team's name stays unknown
+                    snapshot_id = manifest.template_id
+            if self.store.delete_snapshot(snapshot_id, team_id) is None:
                 raise NotFound(f"template '{snapshot_id}' not found")  # or another team's
             try:
                 self.templates.delete(snapshot_id)

@@ -296,7 +296,8 @@ class Template(TemplateBase):
         transport: httpx.BaseTransport | None = None,
         **options: Unpack[ConnectionOptions],
     ) -> bool:
-        """Whether a template called `name` exists (also when it belongs to another team)."""
+        """Whether a template called `name` exists for this team: its own, or a public one (a Corral server
+        answers another team's name as unknown; E2B's cloud answers 403, which counts as existing)."""
         config = ConnectionConfig.from_options(None, options)
         what = f"look up template {name!r}"
         with open_http(transport) as http:
