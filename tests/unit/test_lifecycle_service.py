@@ -91,10 +91,12 @@ class FakeNode:
     def layers_in_use(self) -> set[str]:
         return set()
 
-    async def commit_upper(self, sandbox_id: str) -> str:
+    async def commit_upper(self, sandbox_id: str, pin: Any = None) -> str:
         assert self.status[sandbox_id] is not NodeStatus.RUNNING, "files are copied from a frozen sandbox"
         self.commits += 1
         digest = f"{self.commits:064x}"
+        if pin is not None:
+            pin(digest)
         (self.layers_dir / digest).mkdir(parents=True)
         return digest
 

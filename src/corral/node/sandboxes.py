@@ -647,10 +647,11 @@ class Node:
         await self.runtime_of_handle(handle).delete(sandbox_id)
         await self._boot(handle, _Layout.of(handle.path, handle.spec.disk_size_mb))
 
-    async def commit_upper(self, sandbox_id: str) -> str:
+    async def commit_upper(self, sandbox_id: str, pin: Callable[[str], None] | None = None) -> str:
         """Copy the sandbox's writable layer into a new read-only layer; returns its digest.
 
         The sandbox must not run (freeze or stop it first), so its files hold still while copied.
+        `pin(digest)` runs just before the layer is published (see `commit_layer`).
         """
         handle = self._held(sandbox_id)
         if handle.status is NodeStatus.RUNNING:
@@ -658,7 +659,7 @@ class Node:
         layout = _Layout.of(handle.path, handle.spec.disk_size_mb)
         if layout.disk is not None:
             await mount_disk(layout.disk)
-        return await commit_layer(layout.upper, self.settings.layers_dir, handle.id_map)
+        return await commit_layer(layout.upper, self.settings.layers_dir, handle.id_map, pin)
 
     # -- usage -----------------------------------------------------------------------------------
 

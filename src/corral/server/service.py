@@ -32,6 +32,7 @@ Lifecycle rules (docs/lifecycle.md):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -163,7 +164,8 @@ class SandboxService:
         self._followups: set[asyncio.Task[None]] = set()  # work left after a kill returned (see _kill)
         self._locks: dict[str, asyncio.Lock] = {}
         self._layers_lock = asyncio.Lock()
-        self._pinned_layers: set[str] = set()  # committed, not yet referenced: never collected
+        # Committed, not yet referenced: never collected. Counted: equal commits share a digest.
+        self._pinned_layers: collections.Counter[str] = collections.Counter()
         # Others that keep layers: each gets the referenced set and returns more layers to keep.
         self.layer_holders: list[Callable[[set[str]], set[str]]] = []
         self.sampler = MetricsSampler(node, store)
@@ -525,23 +527,47 @@ class SandboxService:
             return tuple(row.layers)
         return tuple(self.templates.get(row.template_id).layers)
 
+    def _pin(self, digest: str) -> None:
+        self._pinned_layers[digest] += 1
+
+    def _unpin(self, digest: str) -> None:
+        self._pinned_layers[digest] -= 1
+        if self._pinned_layers[digest] <= 0:
+            del self._pinned_layers[digest]
+
     async def _commit(self, row: Any) -> str:
-        """Copy a sandbox's writable layer into a new layer, frozen meanwhile; pins the digest."""
+        """Copy a sandbox's writable layer into a new layer, frozen meanwhile; its digest, pinned
+        (the caller unpins it once a snapshot or sandbox refers to the layer).
+
+        The node pins the digest in the same step of the event loop as the layer appears, or an
+        equal existing layer is chosen: were it pinned after the commit returned, a collection in
+        between (while the sandbox thaws, say) could remove an equal layer that nothing used yet,
+        e.g. a just-deleted snapshot's, and the new snapshot would refer to a missing layer."""
         sandbox_id = row.sandbox_id
-        async with self._lock(sandbox_id):
-            self._get(sandbox_id, row.team_id)
-            handle = self.node.lookup(sandbox_id)
-            if handle is None:
-                raise FailedPrecondition(f'sandbox "{sandbox_id}" is not on this node')
-            if handle.status is NodeStatus.RUNNING:
-                await self.node.freeze(sandbox_id)
-                try:
-                    digest = await self.node.commit_upper(sandbox_id)
-                finally:
-                    await self.node.thaw(sandbox_id)
-            else:
-                digest = await self.node.commit_upper(sandbox_id)
-        self._pinned_layers.add(digest)
+        pinned: list[str] = []
+
+        def pin(digest: str) -> None:
+            self._pin(digest)
+            pinned.append(digest)
+
+        try:
+            async with self._lock(sandbox_id):
+                self._get(sandbox_id, row.team_id)
+                handle = self.node.lookup(sandbox_id)
+                if handle is None:
+                    raise FailedPrecondition(f'sandbox "{sandbox_id}" is not on this node')
+                if handle.status is NodeStatus.RUNNING:
+                    await self.node.freeze(sandbox_id)
+                    try:
+                        digest = await self.node.commit_upper(sandbox_id, pin=pin)
+                    finally:
+                        await self.node.thaw(sandbox_id)
+                else:
+                    digest = await self.node.commit_upper(sandbox_id, pin=pin)
+        except BaseException:
+            for done in pinned:
+                self._unpin(done)
+            raise
         return str(digest)
 
     async def create_snapshot(self, team_id: str, sandbox_id: str, name: str | None) -> tuple[str, list[str]]:
@@ -590,7 +616,7 @@ class SandboxService:
                         )
                     )
         finally:
-            self._pinned_layers.discard(digest)
+            self._unpin(digest)
         self._event(sandbox_id, f"snapshot {snapshot_id} taken" + (f" as {name!r}" if name else ""))
         await self.collect_layers()
         return snapshot_id, [name] if name else []
@@ -646,7 +672,7 @@ class SandboxService:
                     log.exception("fork of sandbox %s failed", sandbox_id)
                     results.append(Internal(f"fork failed: {exc}"))
         finally:
-            self._pinned_layers.discard(digest)
+            self._unpin(digest)
         self._event(sandbox_id, f"forked {sum(1 for r in results if not isinstance(r, Exception))} time(s)")
         await self.collect_layers()
         return results
@@ -690,7 +716,7 @@ class SandboxService:
                 return []
             # From here to the last rename nothing awaits: no create, build or commit can start
             # using a layer between the decision and its retirement.
-            in_use = set(self.store.layers_in_use()) | self._pinned_layers | self.node.layers_in_use()
+            in_use = set(self.store.layers_in_use()) | set(self._pinned_layers) | self.node.layers_in_use()
             for manifest in self.templates.list():
                 in_use.update(manifest.all_layers())
             for holder in self.layer_holders:

@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from corral.node import spawn
@@ -88,9 +89,16 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-async def commit_layer(upper: Path, layers_dir: Path, id_map: IdMap | None = None) -> str:
+async def commit_layer(
+    upper: Path, layers_dir: Path, id_map: IdMap | None = None, pin: Callable[[str], None] | None = None
+) -> str:
     """Copy `upper` into `layers_dir/<digest>` and return the digest (an existing equal layer is reused).
-    `id_map`: the sandbox's user namespace, whose host ids the copy is shifted back from."""
+    `id_map`: the sandbox's user namespace, whose host ids the copy is shifted back from.
+
+    `pin(digest)` is called on the event loop once the digest is known, in the same step as the
+    layer appears under its name or an existing equal one is chosen: a layer collector that keeps
+    pinned layers (and decides without awaiting) can never remove the layer the caller gets, even
+    when an equal layer was unused until now. If this raises after `pin`, the caller unpins."""
     layers_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = layers_dir / f".tmp-commit-{secrets.token_hex(8)}"
     try:
@@ -100,6 +108,8 @@ async def commit_layer(upper: Path, layers_dir: Path, id_map: IdMap | None = Non
         if id_map is not None:
             await asyncio.to_thread(unshift_tree, tmp, id_map)
         digest = await asyncio.to_thread(tree_digest, tmp)
+        if pin is not None:
+            pin(digest)  # no await from here to the rename: see the docstring
         target = layers_dir / digest
         try:
             os.rename(tmp, target)
