@@ -2,6 +2,13 @@
 
     scheduler = Scheduler(expire=service.expire_due, sampler=MetricsSampler(node, store))
     await scheduler.run()        # until cancelled; both loops live and die together
+    scheduler.clock.note(end_at) # a running sandbox's end was set: the expiry loop wakes by then
+
+Expiry does not poll: each round (`expire(within)`) expires what is due and returns the soonest end
+still to come within `ExpiryClock.safety_s`, and the loop sleeps until then. The service notes every
+end it writes (create, resume, new timeout), so a nearer one wakes the loop early; `safety_s` (2 s)
+bounds the sleep for ends written by anyone else (another server on the same database). A round
+is one indexed query on the event loop: a few a minute instead of four a second.
 
 `MetricsSampler` reads each running sandbox's cgroups and disk every `interval_s` (2 s) and stores
 one `MetricRow` per sandbox: CPU % over the interval (of the sandbox's CPUs), memory used (usage
@@ -16,18 +23,26 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from corral.core.errors import NotFound
 from corral.node.cgroups import cpu_percent
 from corral.server.store import MetricRow
 
-__all__ = ["DEFAULT_SAMPLE_INTERVAL_S", "MetricsSampler", "Scheduler"]
+__all__ = [
+    "DEFAULT_SAMPLE_INTERVAL_S",
+    "EXPIRY_SAFETY_INTERVAL_S",
+    "ExpiryClock",
+    "MetricsSampler",
+    "Scheduler",
+    "expiry_delay",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SAMPLE_INTERVAL_S = 2.0
+EXPIRY_SAFETY_INTERVAL_S = 2.0  # the longest the expiry loop sleeps: ends another process wrote
 
 
 def _host_memory() -> int:
@@ -102,23 +117,73 @@ class MetricsSampler:
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
 
 
+def expiry_delay(now: datetime, soonest: datetime | None, cap_s: float) -> float:
+    """Seconds until the next expiry round: until `soonest` (None: no end known), at most `cap_s`."""
+    if soonest is not None:
+        cap_s = min(cap_s, (soonest - now).total_seconds())
+    return max(0.0, cap_s)
+
+
+class ExpiryClock:
+    """When the expiry loop wakes: at the soonest end its last round saw or the service noted since,
+    after `safety_s` at the latest. Event-loop only."""
+
+    def __init__(self, safety_s: float = EXPIRY_SAFETY_INTERVAL_S) -> None:
+        self.safety_s = safety_s
+        self._noted: datetime | None = None  # the soonest end noted since the current round began
+        self._changed = asyncio.Event()
+
+    def note(self, end_at: datetime) -> None:
+        """A running sandbox will end at `end_at` (created, resumed, timeout set)."""
+        if self._noted is None or end_at < self._noted:
+            self._noted = end_at
+            self._changed.set()
+
+    def begin_round(self) -> None:
+        """A round's query is about to read every end written so far: earlier notes are in it."""
+        self._noted = None
+
+    async def sleep(self, soonest: datetime | None) -> None:
+        """Until `soonest` (what the round found), a nearer noted end, or `safety_s`: the first."""
+        latest = time.monotonic() + self.safety_s
+        while True:
+            self._changed.clear()
+            if soonest is None or (self._noted is not None and self._noted < soonest):
+                soonest = self._noted
+            delay = expiry_delay(datetime.now(UTC), soonest, latest - time.monotonic())
+            if delay <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._changed.wait(), delay)
+            except TimeoutError:
+                return
+
+
 class Scheduler:
-    """Runs the periodic loops of the control plane until cancelled."""
+    """Runs the background loops of the control plane until cancelled.
+
+    `expire(within)` expires the sandboxes that are due and returns the soonest end to come within
+    `within` (None: none that soon)."""
 
     def __init__(
-        self, expire: Callable[[], Awaitable[None]], sampler: MetricsSampler, expiry_interval_s: float = 0.25
+        self,
+        expire: Callable[[timedelta], Awaitable[datetime | None]],
+        sampler: MetricsSampler,
+        clock: ExpiryClock | None = None,
     ) -> None:
         self.expire = expire
         self.sampler = sampler
-        self.expiry_interval_s = expiry_interval_s
+        self.clock = clock if clock is not None else ExpiryClock()
 
     async def _expiry(self) -> None:
         while True:
+            self.clock.begin_round()  # `expire` queries before its first await: nothing slips between
+            soonest = None
             try:
-                await self.expire()
+                soonest = await self.expire(timedelta(seconds=self.clock.safety_s))
             except Exception:
                 log.exception("expiring sandboxes failed")
-            await asyncio.sleep(self.expiry_interval_s)
+            await self.clock.sleep(soonest)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:

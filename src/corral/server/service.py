@@ -307,6 +307,7 @@ class SandboxService:
             started_at=started,
             end_at=started + dt.timedelta(seconds=timeout),
         )
+        self._ends_at(started + dt.timedelta(seconds=timeout))
         self._event(sandbox_id, f"sandbox {how}")
         try:
             self.sampler.sample([sandbox_id])  # the first sample is taken right at creation
@@ -322,6 +323,7 @@ class SandboxService:
         handle = self.node.lookup(sandbox_id)
         row = dataclasses.replace(row, state=SandboxState.RUNNING, ip=handle.ip)
         self.store.insert_sandbox(row)
+        self._ends_at(row.end_at)
         try:
             if network is not None:  # not the default the pooled sandbox booted with
                 self.network_policies.stage(sandbox_id, network)
@@ -416,16 +418,24 @@ class SandboxService:
         if seconds > 0:
             fields["timeout_s"] = seconds
         self.store.update_sandbox(sandbox_id, **fields)
+        self._ends_at(fields["end_at"])
         if seconds == 0:
             await self.expire_due()
 
-    async def expire_due(self) -> None:
-        """Kill (or pause, when asked) every running sandbox whose end time has passed."""
-        for row in self.store.expired(_now()):
+    async def expire_due(self, within: dt.timedelta = dt.timedelta(0)) -> dt.datetime | None:
+        """Kill (or pause, when asked) every running sandbox whose end time has passed; returns the
+        soonest end still to come within `within` (None: none that soon), for the expiry loop."""
+        now = _now()
+        soonest = None
+        for row in self.store.expired(now + within):  # soonest first; one query, before any await
+            if row.end_at > now:
+                soonest = row.end_at
+                break
             try:
                 await self._expire(row.sandbox_id)
             except Exception:  # one bad sandbox must not stop the others from expiring
                 log.exception("failed to expire sandbox %s", row.sandbox_id)
+        return soonest
 
     async def _expire(self, sandbox_id: str) -> None:
         async with self._lock(sandbox_id):
@@ -439,10 +449,13 @@ class SandboxService:
         self._locks.pop(sandbox_id, None)
         await self.collect_layers()
 
-    async def run_expiry(self, interval_s: float = 0.25) -> None:
+    async def run_expiry(self) -> None:
         """The control plane's background loops (timeouts and metrics); runs until cancelled."""
-        self.scheduler.expiry_interval_s = interval_s
         await self.scheduler.run()
+
+    def _ends_at(self, end_at: dt.datetime) -> None:
+        """A running sandbox's end was set: the expiry loop wakes by then (see corral.server.scheduler)."""
+        self.scheduler.clock.note(end_at)
 
     # -- pause and resume ------------------------------------------------------------------------
 
@@ -498,13 +511,15 @@ class SandboxService:
             await self.node.cold_start(sandbox_id)
         else:
             await self.node.thaw(sandbox_id)
+        end_at = _now() + dt.timedelta(seconds=timeout)
         resumed = self.store.update_sandbox(
             sandbox_id,
             expect_state=SandboxState.PAUSED,
             state=SandboxState.RUNNING,
             paused_memory=None,
-            end_at=_now() + dt.timedelta(seconds=timeout),
+            end_at=end_at,
         )
+        self._ends_at(end_at)
         self._event(sandbox_id, "sandbox resumed" + (" (cold boot)" if row.paused_memory is False else "") + f" by {why}")
         return resumed if resumed is not None else self._get(sandbox_id, row.team_id)
 
