@@ -17,6 +17,7 @@ __all__ = [
     "GOFER_ATTRIB",
     "HOST_PTY",
     "NO_NS_LAST_PID",
+    "NO_PING",
     "NO_SUDO",
     "RUNSC",
     "STATX",
@@ -39,5 +40,8 @@ HOST_PTY = _limit(
 )
 GOFER_ATTRIB = _limit(
     "sandbox writes reach the disk through the gofer, which also sets times: watchers see extra chmod events"
+)
+NO_PING = _limit(
+    "with --network=host the Sentry makes host TCP and UDP sockets only: no ICMP echo (ping) sockets"
 )
 FIFO = _limit("FIFOs made in the sandbox live in the Sentry only; envd's file API does not see them")

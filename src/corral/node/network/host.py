@@ -52,6 +52,7 @@ from corral.node.network.dns import (
     start_dns_forwarder,
 )
 from corral.node.network.egress_proxy import EgressProxy
+from corral.node.network.in_netns import write_sysctls
 from corral.node.network.links import (
     DEFAULT_MTU,
     PortInfo,
@@ -94,6 +95,11 @@ __all__ = ["SandboxNetwork"]
 
 log = logging.getLogger(__name__)
 IPv4 = ipaddress.IPv4Address
+
+# Set in every sandbox's netns. Any gid may open ICMP echo (datagram) sockets, as Docker does:
+# `ping` works without CAP_NET_RAW, which sandboxes never get. The kernel compares host gids, and
+# under a user namespace those are the sandbox's range (from 2^20 up), so the range is all of them.
+SANDBOX_NETNS_SYSCTLS = {"net/ipv4/ping_group_range": "0 2147483647"}
 
 
 class SandboxNetwork:
@@ -519,6 +525,7 @@ class SandboxNetwork:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._ip_batch(inside, netns=att.netns_name))
             tg.create_task(self._run_checked([self._bridge_tool, "-batch", "-"], fdb))
+            tg.create_task(_set_netns_sysctls(att.netns_path))
 
     async def _unwire(self, ns: str, veth: str, att: Attachment | PortInfo | None) -> None:
         """Deleting the veth cuts the sandbox off even if a process still holds its namespace;
@@ -642,6 +649,13 @@ class SandboxNetwork:
 
     async def _nft_apply(self, script: str) -> None:
         (await self._nft_run(script)).check()
+
+
+async def _set_netns_sysctls(path: str) -> None:
+    try:
+        await asyncio.to_thread(write_sysctls, path, SANDBOX_NETNS_SYSCTLS)  # a setns'd thread, no process
+    except OSError as exc:
+        raise Internal(f"cannot set sysctls in {path}: {exc}") from None
 
 
 def _write_sysctl(key: str, value: str) -> None:

@@ -4,6 +4,9 @@ setns(CLONE_NEWNET) changes only the calling thread, and what that thread then o
 files under /proc/sys/net — belongs to the namespace it is in. A thread of its own joins, works,
 joins back and ends, so no pool thread is ever left in a sandbox's namespace and no `nsenter`
 process is spawned. The caller blocks for the join (the work is a bind or a sysctl write).
+
+`write_sysctls` is the common work: per-namespace `net.*` settings, written from the host's user
+namespace, which owns the sandbox's netns (root in a sandbox's own user namespace may not).
 """
 
 from __future__ import annotations
@@ -11,10 +14,10 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-__all__ = ["CLONE_NEWNET", "run_in_netns"]
+__all__ = ["CLONE_NEWNET", "run_in_netns", "write_sysctls"]
 
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
@@ -58,3 +61,18 @@ def run_in_netns(netns_path: str, work: Callable[[], T], *, name: str = "corral-
     if failure:
         raise failure[0]
     return outcome[0]
+
+
+def write_sysctls(netns_path: str, values: Mapping[str, str], *, name: str = "corral-netns-sysctl") -> None:
+    """Set `values` (`"net/ipv4/ping_group_range": "0 2147483647"`: keys are paths under /proc/sys)
+    in the network namespace at `netns_path`. OSError on failure."""
+
+    def write() -> None:
+        for key, value in values.items():
+            fd = os.open(f"/proc/sys/{key}", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, f"{value}\n".encode())
+            finally:
+                os.close(fd)
+
+    run_in_netns(netns_path, write, name=name)
