@@ -41,15 +41,6 @@ CREATE, WRITE, CHMOD, REMOVE, RENAME = (
 )
 
 
-@pytest.fixture(scope="module")
-def sbx(e2b_env: ServerProcess) -> Iterator[Sandbox]:
-    sandbox = Sandbox.create(timeout=300)
-    try:
-        yield sandbox
-    finally:
-        sandbox.kill()
-
-
 def _dir(sbx: Sandbox) -> str:
     name = f"w{uuid.uuid4().hex[:8]}"
     sbx.files.make_dir(name)
@@ -79,16 +70,16 @@ def server_inotify_watches(server: ServerProcess) -> int:
 # -- polling watchers (sync SDK: CreateWatcher / GetWatcherEvents / RemoveWatcher) --------------
 
 
-def test_new_file_upload_gives_exactly_create_chmod_write_at_once(sbx: Sandbox) -> None:
-    d = _dir(sbx)
-    handle = sbx.files.watch_dir(d)
-    sbx.files.write(f"{d}/f.txt", "hello")
+def test_new_file_upload_gives_exactly_create_chmod_write_at_once(sandbox: Sandbox) -> None:
+    d = _dir(sandbox)
+    handle = sandbox.files.watch_dir(d)
+    sandbox.files.write(f"{d}/f.txt", "hello")
     assert _pairs(handle.get_new_events()) == [("f.txt", CREATE), ("f.txt", CHMOD), ("f.txt", WRITE)]
-    sbx.files.write(f"{d}/f.txt", "changed")  # overwrite: no CREATE
+    sandbox.files.write(f"{d}/f.txt", "changed")  # overwrite: no CREATE
     events = _pairs(handle.get_new_events())
     assert ("f.txt", WRITE) in events and ("f.txt", CREATE) not in events
-    sbx.files.rename(f"{d}/f.txt", f"{d}/g.txt")
-    sbx.files.remove(f"{d}/g.txt")
+    sandbox.files.rename(f"{d}/f.txt", f"{d}/g.txt")
+    sandbox.files.remove(f"{d}/g.txt")
     assert _pairs(handle.get_new_events()) == [("f.txt", RENAME), ("g.txt", CREATE), ("g.txt", REMOVE)]
     assert handle.get_new_events() == []
     handle.stop()
@@ -97,10 +88,10 @@ def test_new_file_upload_gives_exactly_create_chmod_write_at_once(sbx: Sandbox) 
 
 
 @gvisor.GOFER_ATTRIB
-def test_events_from_sandbox_processes_and_entries(sbx: Sandbox) -> None:
-    d = _dir(sbx)
-    handle = sbx.files.watch_dir(d, include_entry=True)
-    sbx.commands.run(f"echo hi > {d}/by-shell; mkdir {d}/sub; rm {d}/by-shell")
+def test_events_from_sandbox_processes_and_entries(sandbox: Sandbox) -> None:
+    d = _dir(sandbox)
+    handle = sandbox.files.watch_dir(d, include_entry=True)
+    sandbox.commands.run(f"echo hi > {d}/by-shell; mkdir {d}/sub; rm {d}/by-shell")
     events = handle.get_new_events()
     assert _pairs(events) == [
         ("by-shell", CREATE),
@@ -115,48 +106,48 @@ def test_events_from_sandbox_processes_and_entries(sbx: Sandbox) -> None:
     handle.stop()
 
 
-def test_recursive_existing_and_new_nested_directories(sbx: Sandbox) -> None:
-    d = _dir(sbx)
-    sbx.files.make_dir(f"{d}/nested")
-    handle = sbx.files.watch_dir(d, recursive=True)
-    sbx.files.write(f"{d}/nested/file", "x")
+def test_recursive_existing_and_new_nested_directories(sandbox: Sandbox) -> None:
+    d = _dir(sandbox)
+    sandbox.files.make_dir(f"{d}/nested")
+    handle = sandbox.files.watch_dir(d, recursive=True)
+    sandbox.files.write(f"{d}/nested/file", "x")
     assert _pairs(handle.get_new_events()) == [
         ("nested/file", CREATE),
         ("nested/file", CHMOD),
         ("nested/file", WRITE),
     ]
-    sbx.files.make_dir(f"{d}/later")
-    sbx.files.write(f"{d}/later/file", "y")  # right after MakeDir: the new directory is watched already
+    sandbox.files.make_dir(f"{d}/later")
+    sandbox.files.write(f"{d}/later/file", "y")  # right after MakeDir: the new directory is watched already
     events = _pairs(handle.get_new_events())
     assert events[0] == ("later", CREATE)
     assert ("later/file", CREATE) in events and ("later/file", WRITE) in events
     # mkdir -p from a process: everything below the first new directory is reported too
-    sbx.commands.run(f"mkdir -p {d}/a/b/c && touch {d}/a/b/c/t")
+    sandbox.commands.run(f"mkdir -p {d}/a/b/c && touch {d}/a/b/c/t")
     events = _pairs(handle.get_new_events())
     assert events[0] == ("a", CREATE) and ("a/b/c", CREATE) in events and ("a/b/c/t", CREATE) in events
     handle.stop()
 
 
-def test_watch_errors(sbx: Sandbox) -> None:
+def test_watch_errors(sandbox: Sandbox) -> None:
     with pytest.raises(FileNotFoundException):
-        sbx.files.watch_dir("no-such-dir")
-    sbx.files.write("plain-file.txt", "x")
+        sandbox.files.watch_dir("no-such-dir")
+    sandbox.files.write("plain-file.txt", "x")
     with pytest.raises(InvalidArgumentException):
-        sbx.files.watch_dir("plain-file.txt")
+        sandbox.files.watch_dir("plain-file.txt")
 
 
-def test_watcher_limit_is_a_clear_error(sbx: Sandbox) -> None:
-    d = _dir(sbx)
+def test_watcher_limit_is_a_clear_error(sandbox: Sandbox) -> None:
+    d = _dir(sandbox)
     handles = []
     try:
         with pytest.raises(RateLimitException, match="too many directory watchers"):
             for _ in range(200):
-                handles.append(sbx.files.watch_dir(d))
+                handles.append(sandbox.files.watch_dir(d))
         assert 0 < len(handles) < 200
     finally:
         for h in handles:
             h.stop()
-    sbx.files.watch_dir(d).stop()  # room again
+    sandbox.files.watch_dir(d).stop()  # room again
 
 
 # -- WatchDir streams (async SDK) -------------------------------------------------------------------
@@ -168,9 +159,9 @@ async def _collect_until(events: list[FilesystemEvent], done: Any, timeout: floa
         await asyncio.sleep(0.02)
 
 
-async def test_async_watch_stream(sbx: Sandbox) -> None:
-    asbx = await AsyncSandbox.connect(sbx.sandbox_id)
-    d = _dir(sbx)
+async def test_async_watch_stream(sandbox: Sandbox) -> None:
+    asbx = await AsyncSandbox.connect(sandbox.sandbox_id)
+    d = _dir(sandbox)
     await asbx.files.make_dir(f"{d}/nested")
     got: list[FilesystemEvent] = []
     handle = await asbx.files.watch_dir(d, on_event=got.append, recursive=True, include_entry=True)
@@ -186,8 +177,8 @@ async def test_async_watch_stream(sbx: Sandbox) -> None:
     await handle.stop()
 
 
-async def test_async_watch_errors(sbx: Sandbox) -> None:
-    asbx = await AsyncSandbox.connect(sbx.sandbox_id)
+async def test_async_watch_errors(sandbox: Sandbox) -> None:
+    asbx = await AsyncSandbox.connect(sandbox.sandbox_id)
     with pytest.raises(FileNotFoundException):
         await asbx.files.watch_dir("missing-dir", on_event=lambda e: None)
     await asbx.files.write("async-file.txt", "x")
@@ -234,12 +225,12 @@ def _stream_watch(
 
 
 def test_stream_starts_then_keeps_alive_then_ends_at_its_timeout(
-    e2b_env: ServerProcess, sbx: Sandbox
+    e2b_env: ServerProcess, sandbox: Sandbox
 ) -> None:
-    d = _dir(sbx)
+    d = _dir(sandbox)
     started = time.monotonic()
     seen = list(
-        _stream_watch(e2b_env, sbx, d, {"keepalive-ping-interval": "1", "connect-timeout-ms": "2500"})
+        _stream_watch(e2b_env, sandbox, d, {"keepalive-ping-interval": "1", "connect-timeout-ms": "2500"})
     )
     elapsed = time.monotonic() - started
     assert seen[0] == (0, {"start": {}})

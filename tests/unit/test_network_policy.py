@@ -3,8 +3,10 @@ validation of E2B's `network` config. Pure: no root, no kernel."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import ssl
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -381,7 +383,26 @@ def test_forwarded_headers() -> None:
 # -- the control plane's record and the node ------------------------------------------------------
 
 
-async def test_policies_are_recorded_at_attach_and_replaced_by_update(tmp_path: Path) -> None:
+@dataclasses.dataclass
+class ControlPlane:
+    """A store with the default team, a fake node network and the control plane's policy record."""
+
+    store: Store
+    team: str
+    net: FakeNetwork
+    policies: NetworkPolicies
+
+    def row(self, sandbox_id: str, internet: bool = True) -> None:
+        """Record a running sandbox of the team (as create does before the attach)."""
+        now = datetime.now(UTC)
+        self.store.insert_sandbox(
+            SandboxRow(sandbox_id=sandbox_id, team_id=self.team, template_id="base", state=SandboxState.RUNNING,
+                       started_at=now, end_at=now + timedelta(seconds=60), allow_internet_access=internet)
+        )  # fmt: skip
+
+
+@pytest.fixture
+async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
     settings = load_settings({"home": tmp_path / "home"}, env={})
     store = Store.open(settings)
     try:
@@ -389,114 +410,93 @@ async def test_policies_are_recorded_at_attach_and_replaced_by_update(tmp_path: 
         assert team is not None
         net = FakeNetwork(settings)
         await net.ensure_host()
-        policies = NetworkPolicies(store, net)
-        assert net.policy_source == policies.policy_for
-
-        # what create hands over: the E2B request's network fields
-        req = SimpleNamespace(
-            network={"allowOut": ["a.test"], "denyOut": [ALL_TRAFFIC], "allowPublicTraffic": False},
-            allow_internet_access=True,
-            secure=True,
-        )
-        now = datetime.now(UTC)
-        plan = policies.plan(req)
-        store.insert_sandbox(
-            SandboxRow(sandbox_id="sbx1", team_id=team, template_id="base", state=SandboxState.RUNNING,
-                       started_at=now, end_at=now + timedelta(seconds=60))
-        )  # fmt: skip
-        policies.stage("sbx1", plan)
-        assert policies.config("sbx1") is None  # nothing recorded before the attach asks
-        att = await net.attach("sbx1", allow_internet=True)
-        token = policies.traffic_access_token("sbx1")
-        assert token and att.allow_internet and net.policy("sbx1") == plan.policy  # type: ignore[union-attr]
-        assert policies.config("sbx1") == {
-            "allowPublicTraffic": False,
-            "allowOut": ["a.test"],
-            "denyOut": [ALL_TRAFFIC],
-        }
-        assert policies.policy_for("sbx1") == plan.policy  # type: ignore[union-attr]  # rebuilt from the record
-
-        await policies.update(
-            team, "sbx1", NetworkUpdateRequest.model_validate({"allow_internet_access": False})
-        )
-        live = net.policy("sbx1")
-        assert (
-            live is not None and live.egress.blocks_everything and live.ingress.traffic_access_token == token
-        )
-        assert not (await net.list_attached())["sbx1"].allow_internet
-        assert store.get_sandbox("sbx1").allow_internet_access is False  # type: ignore[union-attr]
-        assert policies.config("sbx1") == {"allowPublicTraffic": False}
-        with pytest.raises(NotFound):
-            await policies.update("other-team", "sbx1", NetworkUpdateRequest())
-        with pytest.raises(InvalidArgument):
-            await policies.update(team, "sbx1", NetworkUpdateRequest.model_validate({"denyOut": ["a b"]}))
-        assert policies.policy_for("nosuch") is None
+        yield ControlPlane(store, team, net, NetworkPolicies(store, net))
     finally:
         store.close()
 
 
-async def test_forks_inherit_their_parents_current_policy(tmp_path: Path) -> None:
-    settings = load_settings({"home": tmp_path / "home"}, env={})
-    store = Store.open(settings)
-    try:
-        team = store.team_for_api_key(store.ensure_default_team(None))
-        assert team is not None
-        net = FakeNetwork(settings)
-        await net.ensure_host()
-        policies = NetworkPolicies(store, net)
-        now = datetime.now(UTC)
+async def test_policies_are_recorded_at_attach_and_replaced_by_update(plane: ControlPlane) -> None:
+    store, team, net, policies = plane.store, plane.team, plane.net, plane.policies
+    assert net.policy_source == policies.policy_for
 
-        def row(sandbox_id: str, internet: bool = True) -> None:
-            store.insert_sandbox(
-                SandboxRow(sandbox_id=sandbox_id, team_id=team, template_id="base", state=SandboxState.RUNNING,
-                           started_at=now, end_at=now + timedelta(seconds=60), allow_internet_access=internet)
-            )  # fmt: skip
+    # what create hands over: the E2B request's network fields
+    req = SimpleNamespace(
+        network={"allowOut": ["a.test"], "denyOut": [ALL_TRAFFIC], "allowPublicTraffic": False},
+        allow_internet_access=True,
+        secure=True,
+    )
+    plan = policies.plan(req)
+    plane.row("sbx1")
+    policies.stage("sbx1", plan)
+    assert policies.config("sbx1") is None  # nothing recorded before the attach asks
+    att = await net.attach("sbx1", allow_internet=True)
+    token = policies.traffic_access_token("sbx1")
+    assert token and att.allow_internet and net.policy("sbx1") == plan.policy  # type: ignore[union-attr]
+    assert policies.config("sbx1") == {
+        "allowPublicTraffic": False,
+        "allowOut": ["a.test"],
+        "denyOut": [ALL_TRAFFIC],
+    }
+    assert policies.policy_for("sbx1") == plan.policy  # type: ignore[union-attr]  # rebuilt from the record
 
-        req = SimpleNamespace(
-            network={"allowOut": ["a.test"], "denyOut": [ALL_TRAFFIC], "allowPublicTraffic": False,
-                     "maskRequestHost": "localhost:${PORT}"},
-            allow_internet_access=True, secure=True,
-        )  # fmt: skip
-        row("parent")
-        policies.stage("parent", policies.plan(req))
-        await net.attach("parent", allow_internet=True)
-        # changed at runtime: the fork gets the policy as it is now, not as it was created
-        await policies.update(
-            team,
-            "parent",
-            NetworkUpdateRequest.model_validate({"allowOut": ["b.test"], "denyOut": [ALL_TRAFFIC]}),
-        )
-        row("fork1")
-        policies.inherit("parent", "fork1")
-        await net.attach("fork1", allow_internet=True)
-        parent, fork = net.policy("parent"), net.policy("fork1")
-        assert parent is not None and fork is not None
-        assert fork.egress == parent.egress == EgressPolicy.from_lists(["b.test"], [ALL_TRAFFIC])
-        assert fork.ingress.mask_request_host == "localhost:${PORT}"
-        token = policies.traffic_access_token("fork1")
-        assert token and token != policies.traffic_access_token("parent")  # closed to the public, own key
-        assert fork.ingress.traffic_access_token == token
-        assert policies.config("fork1") == policies.config("parent")
+    await policies.update(team, "sbx1", NetworkUpdateRequest.model_validate({"allow_internet_access": False}))
+    live = net.policy("sbx1")
+    assert live is not None and live.egress.blocks_everything and live.ingress.traffic_access_token == token
+    assert not (await net.list_attached())["sbx1"].allow_internet
+    assert store.get_sandbox("sbx1").allow_internet_access is False  # type: ignore[union-attr]
+    assert policies.config("sbx1") == {"allowPublicTraffic": False}
+    with pytest.raises(NotFound):
+        await policies.update("other-team", "sbx1", NetworkUpdateRequest())
+    with pytest.raises(InvalidArgument):
+        await policies.update(team, "sbx1", NetworkUpdateRequest.model_validate({"denyOut": ["a b"]}))
+    assert policies.policy_for("nosuch") is None
 
-        # no internet at all is inherited through the row and the record
-        row("closed", internet=False)
-        policies.stage(
-            "closed", policies.plan(SimpleNamespace(network=None, allow_internet_access=False, secure=False))
-        )
-        await net.attach("closed", allow_internet=False)
-        row("fork2", internet=False)
-        policies.inherit("closed", "fork2")
-        await net.attach("fork2", allow_internet=False)
-        assert net.policy("fork2").egress.blocks_everything  # type: ignore[union-attr]
-        assert policies.traffic_access_token("fork2") is None
 
-        # a parent with the defaults: the fork has the defaults, and no record
-        row("plain")
-        policies.stage("plain", None)
-        await net.attach("plain", allow_internet=True)
-        row("fork3")
-        policies.inherit("plain", "fork3")
-        await net.attach("fork3", allow_internet=True)
-        assert policies.config("fork3") is None and net.policy("fork3") == NetworkPolicy()
-    finally:
-        store.close()
+async def test_forks_inherit_their_parents_current_policy(plane: ControlPlane) -> None:
+    team, net, policies = plane.team, plane.net, plane.policies
+    req = SimpleNamespace(
+        network={"allowOut": ["a.test"], "denyOut": [ALL_TRAFFIC], "allowPublicTraffic": False,
+                 "maskRequestHost": "localhost:${PORT}"},
+        allow_internet_access=True, secure=True,
+    )  # fmt: skip
+    plane.row("parent")
+    policies.stage("parent", policies.plan(req))
+    await net.attach("parent", allow_internet=True)
+    # changed at runtime: the fork gets the policy as it is now, not as it was created
+    await policies.update(
+        team,
+        "parent",
+        NetworkUpdateRequest.model_validate({"allowOut": ["b.test"], "denyOut": [ALL_TRAFFIC]}),
+    )
+    plane.row("fork1")
+    policies.inherit("parent", "fork1")
+    await net.attach("fork1", allow_internet=True)
+    parent, fork = net.policy("parent"), net.policy("fork1")
+    assert parent is not None and fork is not None
+    assert fork.egress == parent.egress == EgressPolicy.from_lists(["b.test"], [ALL_TRAFFIC])
+    assert fork.ingress.mask_request_host == "localhost:${PORT}"
+    token = policies.traffic_access_token("fork1")
+    assert token and token != policies.traffic_access_token("parent")  # closed to the public, own key
+    assert fork.ingress.traffic_access_token == token
+    assert policies.config("fork1") == policies.config("parent")
+
+    # no internet at all is inherited through the row and the record
+    plane.row("closed", internet=False)
+    policies.stage(
+        "closed", policies.plan(SimpleNamespace(network=None, allow_internet_access=False, secure=False))
+    )
+    await net.attach("closed", allow_internet=False)
+    plane.row("fork2", internet=False)
+    policies.inherit("closed", "fork2")
+    await net.attach("fork2", allow_internet=False)
+    assert net.policy("fork2").egress.blocks_everything  # type: ignore[union-attr]
+    assert policies.traffic_access_token("fork2") is None
+
+    # a parent with the defaults: the fork has the defaults, and no record
+    plane.row("plain")
+    policies.stage("plain", None)
+    await net.attach("plain", allow_internet=True)
+    plane.row("fork3")
+    policies.inherit("plain", "fork3")
+    await net.attach("fork3", allow_internet=True)
+    assert policies.config("fork3") is None and net.policy("fork3") == NetworkPolicy()

@@ -379,7 +379,9 @@ class RuntimeSpawner:
                 fds.null(0)
                 fds.null(1)
                 fds.pipe_from_child("diag", 2)
-            runtime_pid = os.posix_spawn(_which(argv[0]), argv, os.environ, file_actions=fds.actions)
+            # Blocking on purpose: posix_spawn (vfork) returns as soon as the child has exec'd, in
+            # well under a millisecond; a thread hop would cost more than it saves.
+            runtime_pid = os.posix_spawn(_which(argv[0]), argv, os.environ, file_actions=fds.actions)  # noqa: ASYNC221
         except BaseException:
             fds.close()
             if host_pty is not None:
