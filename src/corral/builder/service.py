@@ -24,7 +24,9 @@ was running"). Templates, their builds' fields and their tags live in the manife
 Disk: layers a build makes are owned (`own_layer`) and collected by the server's one layer
 collector (`collect_layers`, run after a build ends and after a template is deleted) once nothing
 refers to them; `layers_to_keep` is what the builder adds to the collector's references — layers
-in-flight builds hold and the layers of kept cache entries (`corral.builder.retention`).
+in-flight builds hold and the layers of kept cache entries (`corral.builder.retention`). Before a
+collection the builder measures the owned layers cache entries name whose size is not known yet
+(`layer_sizes`, once per layer, in a thread), for the cache's byte budget.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from typing import Any
 
 from corral.builder.cache import BuildCache, FileBuildCache
 from corral.builder.executor import BuildExecutor, BuildJob, BuildOutcome, StepFailed
+from corral.builder.layer_sizes import LayerSizeBook, layer_disk_bytes, unmeasured
 from corral.builder.logs import BuildLog, LogEntry
 from corral.builder.records import BuildLogFile, BuildRecordStore
 from corral.builder.registry import RegistryConfig, RegistryPuller
@@ -217,10 +220,12 @@ class TemplateBuildService:
         own_layer: Callable[[str, str], None] | None = None,
         collect_layers: Callable[[], Awaitable[Any]] | None = None,
         template_owner: Callable[[TemplateManifest], str | None] | None = None,
+        layer_sizes: LayerSizeBook | None = None,
     ) -> None:
-        """`own_layer(digest, kind)` records a layer a build made as collectable and
+        """`own_layer(digest, kind)` records a layer a build made as collectable,
         `collect_layers()` runs the server's layer collector (both given by the composition root;
-        without them nothing the builder makes is ever collected)."""
+        without them nothing the builder makes is ever collected) and `layer_sizes` keeps owned
+        layers' sizes (without it the cache's byte budget counts every layer as 0 bytes)."""
         self.settings = settings
         self.node = node  # checks the runtime a build asks for (None in tests without sandboxes)
         # The team a template belongs to, snapshots included (their manifests name no team: the
@@ -233,6 +238,7 @@ class TemplateBuildService:
         self.cache_budget = cache_budget if cache_budget is not None else CacheBudget.from_env()
         self.holds = LayerHolds()
         self._collect_layers = collect_layers
+        self._layer_sizes = layer_sizes
         self.executor = executor or BuildExecutor(
             node,
             templates,
@@ -298,15 +304,45 @@ class TemplateBuildService:
             layers_dir = self.settings.layers_dir
             return set(os.listdir(layers_dir)) if layers_dir.is_dir() else set()
         held = self.holds.held()
-        plan = plan_cache_retention(self.cache.usage(), referenced | held, self.cache_budget, time.time())
+        sizes: dict[str, int] = {}
+        if self._layer_sizes is not None:
+            sizes = {d: size for d, size in self._layer_sizes.owned_layer_sizes().items() if size is not None}
+        plan = plan_cache_retention(
+            self.cache.usage(), referenced | held, self.cache_budget, time.time(), sizes
+        )
         for key in plan.drop_keys:
             self.cache.delete(key)
         return held | plan.keep_layers
+
+    async def measure_layers(self) -> int:
+        """Measure the owned layers cache entries name whose size is not known yet (each once, in a
+        thread) and remember their sizes; how many were measured."""
+        if self._layer_sizes is None:
+            return 0
+        uses = await asyncio.to_thread(self.cache.usage)
+        todo = unmeasured(self._layer_sizes.owned_layer_sizes(), (d for use in uses for d in use.layers))
+        measured = 0
+        for digest in todo:
+            size = await asyncio.to_thread(layer_disk_bytes, self.templates.layer_path(digest))
+            if size is not None:  # None: gone (collected meanwhile)
+                self._layer_sizes.set_owned_layer_size(digest, size)
+                measured += 1
+        return measured
+
+    async def measure_and_collect(self) -> None:
+        """At start, in the background: sizes of layers owned before sizes were kept, then a
+        collection that applies the byte budget to them."""
+        try:
+            if await self.measure_layers():
+                await self._collect()
+        except Exception:
+            log.exception("measuring layer sizes failed")
 
     async def _collect(self) -> None:
         if self._collect_layers is None:
             return
         try:
+            await self.measure_layers()
             await self._collect_layers()
         except Exception:  # collection is retried after the next build, delete or restart
             log.exception("layer collection failed")

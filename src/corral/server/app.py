@@ -57,6 +57,7 @@ class CorralApp:
             own_layer=self.store.add_owned_layer,  # layers builds make are collected when unused
             collect_layers=self.service.collect_layers,
             template_owner=self.service.template_owner,  # snapshots are their team's, as bases too
+            layer_sizes=self.store,  # owned layers' sizes: the build cache's byte budget
         )
         self.service.layer_holders.append(self.builder.layers_to_keep)  # in-flight builds, kept cache
         self.api = build_api(self.service, self.store, settings, templates=self.builder)
@@ -79,6 +80,8 @@ class CorralApp:
         adopted, lost = await self.service.reconcile()
         if adopted or lost:
             log.warning("re-adopted %d running sandbox(es); %d were gone", len(adopted), len(lost))
+        await self.service.adopt_unowned_layers()  # layers older versions left unowned, then collected
+        self._tasks.append(asyncio.create_task(self.builder.measure_and_collect(), name="layer-sizes"))
         self._tasks.append(asyncio.create_task(self.service.run_expiry(), name="sandbox-expiry"))
         self._tasks.append(asyncio.create_task(self.pool.run(), name="warm-pool"))
         if self.on_ready is not None:

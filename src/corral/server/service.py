@@ -27,6 +27,8 @@ Lifecycle rules (docs/lifecycle.md):
   sandbox, snapshot, pinned commit or `layer_holders` entry (the builder: in-flight builds, kept
   build-cache entries) refers to. It decides and renames the doomed layers out of sight in one
   step of the event loop, so nothing can start using one in between; the deletion comes after.
+  At start, layers older versions left unowned that nothing refers to are adopted (recorded as
+  owned) first, so they are collected too (`adopt_unowned_layers`, `corral.server.layer_adoption`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import datetime as dt
 import logging
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -59,6 +62,7 @@ from corral.core.settings import Settings
 from corral.node.sandboxes import NodeStatus
 from corral.node.storage.commit import retire_layer
 from corral.node.storage.templates import TemplateManifest
+from corral.server.layer_adoption import ADOPTED_KIND, ADOPTION_MIN_AGE_S, plan_adoption, scan_layer_dirs
 from corral.server.network_policy import NetworkPolicies
 from corral.server.scheduler import MetricsSampler, Scheduler
 from corral.server.store import SnapshotRow
@@ -731,11 +735,7 @@ class SandboxService:
                 return []
             # From here to the last rename nothing awaits: no create, build or commit can start
             # using a layer between the decision and its retirement.
-            in_use = set(self.store.layers_in_use()) | set(self._pinned_layers) | self.node.layers_in_use()
-            for manifest in self.templates.list():
-                in_use.update(manifest.all_layers())
-            for holder in self.layer_holders:
-                in_use |= holder(set(in_use))
+            in_use = self._referenced_layers()
             removed, retired = [], []
             for digest in owned:
                 if digest in in_use:
@@ -748,6 +748,39 @@ class SandboxService:
         for path in retired:
             await asyncio.to_thread(shutil.rmtree, path, True)
         return removed
+
+    def _referenced_layers(self, also: set[str] | None = None) -> set[str]:
+        """Every layer something refers to (the collector's references; `also` before the holders)."""
+        in_use = set(self.store.layers_in_use()) | set(self._pinned_layers) | self.node.layers_in_use()
+        in_use |= also or set()
+        for manifest in self.templates.list():
+            in_use.update(manifest.all_layers())
+        for holder in self.layer_holders:
+            in_use |= holder(set(in_use))
+        return in_use
+
+    async def adopt_unowned_layers(self, min_age_s: float = ADOPTION_MIN_AGE_S) -> list[str]:
+        """At start: record as owned the layers older versions left unowned that nothing refers to
+        (`corral.server.layer_adoption`) and collect them; their digests."""
+        dirs = await asyncio.to_thread(scan_layer_dirs, self.settings.layers_dir)
+        async with self._layers_lock:
+            try:  # one decision: no await until the records are written
+                rows_without_layers: set[str] = set()  # sandboxes from before rows listed their layers
+                for row in self.store.live_sandboxes():
+                    if row.layers is None:
+                        rows_without_layers.update(self._row_layers(row))
+                in_use = self._referenced_layers(rows_without_layers)
+            except Exception:  # a reference that cannot be read: adopt nothing
+                log.exception("not adopting unowned layers: what refers to layers cannot be read")
+                return []
+            owned = set(self.store.owned_layers())
+            adopted = plan_adoption(dirs, owned, in_use, time.time(), min_age_s)
+            for digest in adopted:
+                self.store.add_owned_layer(digest, ADOPTED_KIND)
+        if adopted:
+            log.info("adopted %d unowned layer(s) nothing refers to; collecting them", len(adopted))
+            await self.collect_layers()
+        return adopted
 
     # -- metrics and logs ------------------------------------------------------------------------
 

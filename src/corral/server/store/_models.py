@@ -152,13 +152,15 @@ class SnapshotModel(Base):
 
 
 class OwnedLayerModel(Base):
-    """A layer made to be disposable (snapshot, fork, build step, registry pull); removed once unused."""
+    """A layer made to be disposable (snapshot, fork, build step, registry pull), or an older
+    version's layer nothing refers to (adopted at start); removed once unused. 0004: its size."""
 
     __tablename__ = "owned_layers"
 
     digest: Mapped[str] = mapped_column(String(64), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))  # "snapshot" | "fork" | "build" | "pull"
+    kind: Mapped[str] = mapped_column(String(16))  # "snapshot" | "fork" | "build" | "pull" | "adopted"
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)  # disk usage; None until measured
 
 
 class SandboxMetricModel(Base):

@@ -572,7 +572,8 @@ class Store:
     # -- layers the lifecycle made -----------------------------------------------------------------
 
     def add_owned_layer(self, digest: str, kind: str) -> None:
-        """Record that a snapshot, fork, build step or registry pull made layer `digest` (idempotent)."""
+        """Record that a snapshot, fork, build step or registry pull made layer `digest` (idempotent);
+        "adopted": an older version's layer nothing refers to (`corral.server.layer_adoption`)."""
         with self._transaction() as session:
             if session.get(OwnedLayerModel, digest) is None:
                 session.add(OwnedLayerModel(digest=digest, kind=kind, created_at=_now()))
@@ -580,6 +581,19 @@ class Store:
     def owned_layers(self) -> list[str]:
         with self._sessions() as session:
             return list(session.scalars(select(OwnedLayerModel.digest).order_by(OwnedLayerModel.created_at)))
+
+    def owned_layer_sizes(self) -> dict[str, int | None]:
+        """Every owned layer's disk usage in bytes; None for one not measured yet."""
+        with self._sessions() as session:
+            rows = session.execute(select(OwnedLayerModel.digest, OwnedLayerModel.size_bytes))
+            return {digest: size for digest, size in rows}
+
+    def set_owned_layer_size(self, digest: str, size_bytes: int) -> None:
+        """Remember an owned layer's measured size (layers never change); no-op if it is not owned."""
+        with self._transaction() as session:
+            session.execute(
+                update(OwnedLayerModel).where(OwnedLayerModel.digest == digest).values(size_bytes=size_bytes)
+            )
 
     def remove_owned_layer(self, digest: str) -> None:
         with self._transaction() as session:
