@@ -102,5 +102,18 @@ if [[ ! -x "$init_binary" || "$(cat "$init_binary.sha256" 2>/dev/null || true)" 
     echo "$want" >"$init_binary.sha256"
 fi
 
+# The statx shim preloaded in gVisor sandboxes (native/corral-statx.c), next to the init: the
+# node binds it read-only into runsc sandboxes (corral.node.runtime.statx_shim).
+shim="$(dirname "$init_binary")/corral-statx.so"
+shim_build=(gcc -shared -fPIC -O2 -Wall -Wextra -s -o "$shim.new" native/corral-statx.c)
+want="$( (cat native/corral-statx.c; echo "${shim_build[*]}") | sha256sum | cut -d' ' -f1)"
+if [[ ! -f "$shim" || "$(cat "$shim.sha256" 2>/dev/null || true)" != "$want" ]]; then
+    say "building the gVisor statx shim $shim"
+    "${shim_build[@]}"
+    chmod 0644 "$shim.new"
+    mv -f "$shim.new" "$shim"
+    echo "$want" >"$shim.sha256"
+fi
+
 # --- host settings and the base template -----------------------------------------------------------
 exec .venv/bin/corral setup

@@ -20,7 +20,6 @@ __all__ = [
     "NO_PING",
     "NO_SUDO",
     "RUNSC",
-    "STATX",
 ]
 
 RUNSC = os.environ.get("CORRAL_RUNTIME", "crun") == "runsc"
@@ -30,7 +29,6 @@ def _limit(reason: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(RUNSC, reason=f"gVisor (runsc 20221219): {reason}", strict=True)
 
 
-STATX = _limit("statx refuses AT_NO_AUTOMOUNT, so coreutils 9 `stat`, `ls -l` and `ls -A` fail with EINVAL")
 NO_SUDO = _limit("no_new_privs is always set, so sudo cannot gain root")
 CGROUPFS = _limit("no cgroup filesystem inside the sandbox (/sys/fs/cgroup/memory is absent)")
 NO_NS_LAST_PID = _limit("its /proc has no sys/kernel/ns_last_pid")

@@ -12,7 +12,6 @@ from typer.testing import CliRunner, Result
 
 from corral import Sandbox
 from corral.cli.main import app
-from tests import gvisor
 from tests.cli.conftest import Invoke
 from tests.conftest import TEST_API_KEY, ServerProcess
 
@@ -55,7 +54,6 @@ def test_bad_sources_are_one_line_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-@gvisor.STATX
 def test_build_from_a_dockerfile_then_list_tag_and_delete(
     corral_cli: Invoke, corral_server: ServerProcess, tmp_path: Path
 ) -> None:

@@ -28,8 +28,6 @@ from e2b.exceptions import (
 )
 from packaging.version import Version
 
-from tests import gvisor
-
 pytestmark = pytest.mark.compat
 
 
@@ -303,7 +301,6 @@ def test_stream_input(sandbox: Sandbox) -> None:
     assert handle.wait().stdout == "one\ntwo\n"
 
 
-@gvisor.STATX
 def test_fifty_megabytes_intact_in_order_with_bounded_server_memory(
     sandbox: Sandbox, corral_server: Any
 ) -> None:

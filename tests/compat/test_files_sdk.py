@@ -19,7 +19,6 @@ from e2b import (
 )
 from e2b.sandbox.filesystem.filesystem import WriteEntry
 
-from tests import gvisor
 from tests.conftest import ServerProcess
 
 pytestmark = pytest.mark.compat
@@ -78,7 +77,6 @@ def test_stat_file_dir_and_symlink(sbx: Sandbox) -> None:
     assert sbx.files.exists(f"{d}/missing") is False
 
 
-@gvisor.STATX
 def test_make_dir_cases(sbx: Sandbox) -> None:
     d = _name("d")
     assert sbx.files.make_dir(f"{d}/a/b") is True
@@ -91,7 +89,6 @@ def test_make_dir_cases(sbx: Sandbox) -> None:
     assert _stat(sbx, f"/opt/{d}") == "root:root 755 directory"
 
 
-@gvisor.STATX
 def test_move_list_and_remove(sbx: Sandbox) -> None:
     d = _name("d")
     sbx.files.write_files(
@@ -134,7 +131,6 @@ def test_metadata(sbx: Sandbox) -> None:
 # -- /files uploads -------------------------------------------------------------------------------
 
 
-@gvisor.STATX
 def test_uploads_multipart_octet_stream_and_gzip(sbx: Sandbox) -> None:
     d = _name("d")
     many = sbx.files.write_files(

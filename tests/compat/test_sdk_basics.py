@@ -9,8 +9,6 @@ import pytest
 from e2b import CommandExitException, Sandbox, SandboxQuery
 from e2b.exceptions import NotFoundException
 
-from tests import gvisor
-
 pytestmark = pytest.mark.compat
 
 
@@ -36,7 +34,6 @@ def test_root_user_and_env(sandbox: Sandbox) -> None:
     assert sandbox.commands.run("echo ${FOO:-unset}").stdout == "unset\n"
 
 
-@gvisor.STATX
 def test_files_write_read(sandbox: Sandbox) -> None:
     sandbox.files.write("notes/hello.txt", "hello corral")
     assert sandbox.files.read("notes/hello.txt") == "hello corral"

@@ -52,7 +52,6 @@ def test_base_exists_and_unknown_names_do_not(e2b_env) -> None:
     assert Template.exists(f"nonexistent-{uuid.uuid4()}") is False
 
 
-@gvisor.STATX
 def test_build_then_create_sees_the_files_and_a_rebuild_is_all_cache(e2b_env, created) -> None:
     name = _name()
     run = uuid.uuid4().hex  # steps nobody built before: the first build does real work
@@ -95,7 +94,6 @@ def test_build_then_create_sees_the_files_and_a_rebuild_is_all_cache(e2b_env, cr
     assert sandbox.files.read("/home/user/greeting.txt") == "hello again, /root/x\n"  # ENV evaluated as root
 
 
-@gvisor.STATX
 def test_copy_uploads_files_with_owner_mode_and_dockerignore(e2b_env, created, tmp_path: Path) -> None:
     (tmp_path / "folder" / "sub").mkdir(parents=True)
     (tmp_path / "folder" / "test.txt").write_text("This is a test file.")
@@ -249,7 +247,6 @@ def test_debian_image_gets_the_default_user_and_runs_steps(e2b_env, created) -> 
     assert sandbox.commands.run("sudo -n true && echo sudo-ok").stdout == "sudo-ok\n"
 
 
-@gvisor.STATX
 def test_sandboxes_start_in_the_template_workdir_as_its_user(e2b_env, created) -> None:
     """A template's WORKDIR and USER are the defaults of its sandboxes' processes and files."""
     template = Template().from_template("base").run_cmd("mkdir -p /opt/work && chmod 777 /opt/work", user="root")

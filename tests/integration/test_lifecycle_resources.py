@@ -96,7 +96,6 @@ def test_one_cpu_sandboxes_spread_over_host_cpus(small_template: str) -> None:
         b.kill()
 
 
-@gvisor.STATX
 def test_disk_limit_is_enospc_inside_and_spares_the_host(small_template: str) -> None:
     sbx = Sandbox.create(small_template, timeout=60)
     try:
@@ -147,7 +146,6 @@ def test_killing_a_paused_sandbox_leaves_nothing_behind(e2b_env: ServerProcess, 
     assert _gone(sbx.sandbox_id) == []
 
 
-@gvisor.STATX
 def test_snapshot_layer_keeps_whiteouts_and_is_removed_when_unused(e2b_env: ServerProcess) -> None:
     sbx = Sandbox.create(timeout=60)
     layers = TEST_HOME / "layers"

@@ -39,7 +39,6 @@ from corral.builder.registry import (
 )
 from corral.core.errors import FailedPrecondition, NotFound
 from corral.node.envd.confined import ConfinedRoot
-from tests import gvisor
 from tests.conftest import TEST_HOME, ensure_test_template
 
 pytestmark = pytest.mark.integration
@@ -498,7 +497,6 @@ def test_hostile_layers_are_refused(tmp_path: Path, members) -> None:
 # --- a template from a registry image, through the official SDK ------------------------------------------
 
 
-@gvisor.STATX
 def test_template_from_a_registry_image(registry: Registry, e2b_env) -> None:
     from e2b import Sandbox, Template
 

@@ -89,6 +89,7 @@ from corral.node.runtime.runtimes import (
     unsafe_mount_targets,
     write_runtime_record,
 )
+from corral.node.runtime.statx_shim import LD_SO_PRELOAD, preload_text, read_template_preload, shim_binary
 from corral.node.storage.commit import commit_layer
 from corral.node.storage.disk import DiskPlan, create_disk, disk_plan, disk_usage, mount_disk
 from corral.node.storage.mounts import Mount, apply_mount, is_mountpoint, overlay_mount, unmount
@@ -482,12 +483,19 @@ class Node:
         }
         files = {file: text for file, text in virtual.values()}
         agent = bool(self._agent_binary) and self.runtime_of_handle(handle).traits.exec_agent
+        etc_files = {f"/etc/{name}": str(path / "etc" / name) for name in ("hostname", "hosts", "resolv.conf")}
+        shim = shim_binary(self.settings.init_binary) if self.runtime_of_handle(handle).traits.statx_shim else None
+        if shim is not None:  # runsc refuses AT_NO_AUTOMOUNT: see corral.node.runtime.statx_shim
+            files[path / "etc" / "ld.so.preload"] = preload_text(
+                await asyncio.to_thread(read_template_preload, layout.rootfs)
+            )
+            etc_files[LD_SO_PRELOAD] = str(path / "etc" / "ld.so.preload")
         config = build_sandbox_config(
             sandbox_id=spec.sandbox_id,
             rootfs=str(layout.rootfs),
             netns_path=handle.netns_path,
             init_binary=self._agent_binary if agent else self._init_binary,
-            etc_files={f"/etc/{name}": str(path / "etc" / name) for name in ("hostname", "hosts", "resolv.conf")},
+            etc_files=etc_files,
             cpu_count=spec.cpu_count,
             memory_mb=spec.memory_mb,
             pids_limit=spec.pids_limit,
@@ -497,6 +505,7 @@ class Node:
             virtual_files={dest: str(file) for dest, (file, _) in virtual.items()},
             id_map=id_map,
             exec_agent=agent,
+            statx_shim=str(shim) if shim is not None else None,
         )
         _refuse_unsafe_rootfs(spec.sandbox_id, layout.rootfs)
         runtime = self.runtime_of_handle(handle)

@@ -17,7 +17,9 @@ Isolation defaults (why each is there):
 - `virtual_files`: host files bound read-only over kernel files whose answer must be the
   sandbox's own: `/proc/sys/kernel/random/boot_id` (one per boot of the sandbox, so a cold boot
   changes it and a freeze does not), `/proc/cpuinfo` and `/sys/devices/system/cpu/online` (the
-  allotted CPUs only). crun mounts them after /proc and /sys, over the kernel's files.
+  allotted CPUs only). crun mounts them after /proc and /sys, over the kernel's files;
+- `statx_shim` (runsc only, `corral.node.runtime.statx_shim`): the host's statx shim bound
+  read-only beside the init; its /etc/ld.so.preload comes in `etc_files` like /etc/hosts.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from corral.node.cgroups.cpuset import format_cpuset
 from corral.node.runtime.base import PtySize, UserIds
 from corral.node.runtime.idmap import IdMap
 from corral.node.runtime.seccomp import seccomp_profile
+from corral.node.runtime.statx_shim import SHIM_PATH
 
 __all__ = [
     "BOOT_ID_PATH",
@@ -113,6 +116,7 @@ def build_sandbox_config(
     virtual_files: Mapping[str, str] | None = None,
     id_map: IdMap | None = None,
     exec_agent: bool = False,
+    statx_shim: str | None = None,
 ) -> dict[str, Any]:
     """The config.json of a sandbox container whose PID 1 is a reaper that never exits.
 
@@ -123,6 +127,7 @@ def build_sandbox_config(
     `id_map` runs the sandbox in a user namespace with that mapping (see `corral.node.runtime.idmap`).
     `exec_agent`: `init_binary` is Corral's exec agent, which starts the sandbox's processes
     (`corral.node.runtime.agent`); otherwise catatonit, and processes come from `<runtime> exec`.
+    `statx_shim`: the host file bound read-only at `SHIM_PATH` (gVisor sandboxes).
     """
     virtual_files = dict(virtual_files or {})
     unknown = set(virtual_files) - _VIRTUAL_FILE_PATHS
@@ -159,6 +164,8 @@ def build_sandbox_config(
         {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=755"]},
         {"destination": INIT_PATH, "type": "bind", "source": init_binary, "options": ["rbind", "ro", "nosuid", "nodev"]},
     ]
+    if statx_shim is not None:
+        mounts.append({"destination": SHIM_PATH, "type": "bind", "source": statx_shim, "options": ["bind", "ro", "nosuid", "nodev"]})
     for dest, source in sorted(etc_files.items()):
         mounts.append({"destination": dest, "type": "bind", "source": source, "options": ["rbind", "ro", "nosuid", "nodev"]})
     for dest, source in sorted(virtual_files.items()):

@@ -18,6 +18,9 @@ differ in a few ways the node must know about, kept here as data (`RuntimeTraits
   reason `/tmp` is bound to the rootfs's own /tmp (gVisor would otherwise put a private tmpfs there,
   which envd could not see).
 - runsc always sets no_new_privs, so setuid programs (`sudo`) cannot raise privileges inside it.
+- runsc's statx and newfstatat refuse AT_NO_AUTOMOUNT (EINVAL), which coreutils 9 `stat`,
+  `ls -l` and `ls -A` pass: its sandboxes get Corral's statx shim through a read-only
+  /etc/ld.so.preload (`corral.node.runtime.statx_shim`), which retries without that flag.
 - runsc does not fill in the cpuset.cpus/mems of new cgroup v1 parents (crun does), so the node does
   it first (`fill_cpuset_parents`).
 - runsc's `exec --console-socket` only works with `--detach` (the exit status is then lost), so a
@@ -94,6 +97,7 @@ class RuntimeTraits:
     files_from_init_root: bool = True  # /proc/<init>/root shows the sandbox's files
     bind_tmp: bool = False  # bind the rootfs's /tmp over /tmp (runsc's own tmpfs would hide it)
     setuid_works: bool = True  # sudo can raise privileges (no no_new_privs forced by the runtime)
+    statx_shim: bool = False  # preload the statx shim (the runtime refuses AT_NO_AUTOMOUNT)
     fills_cpuset_parents: bool = True  # creates cgroup v1 cpuset parents with cpus and mems set
     console_socket: bool = True  # `exec --console-socket` sends a pty master without detaching
     # Paused with `<runtime> pause` (and resumed before delete), not the cgroup freezer: its
@@ -119,6 +123,7 @@ TRAITS: dict[str, RuntimeTraits] = {
         files_from_init_root=False,
         bind_tmp=True,
         setuid_works=False,
+        statx_shim=True,
         fills_cpuset_parents=False,
         console_socket=False,
         pauses_itself=True,
