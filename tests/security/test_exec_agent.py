@@ -6,15 +6,19 @@ PID 1), its memory, or its executable, and must not be able to stop it from serv
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import time
 
 import pytest
+from e2b import Sandbox
+from e2b.exceptions import NotFoundException
 
 from corral.core.settings import load_settings
 from tests.conftest import ServerProcess
 from tests.security._probes import run, run_python, sha256_file
-from tests.security.conftest import DEFAULT_RUNTIME, SandboxFactory
+from tests.security.conftest import DEFAULT_RUNTIME, SandboxFactory, sdk_opts
 
 pytestmark = [
     pytest.mark.integration,
@@ -115,3 +119,94 @@ def test_agent_binary_is_read_only_and_intact(
     assert sha256_file(binary) == before
     assert run(sbx, "tr '\\0' ' ' < /proc/1/cmdline").stdout == "/.corral/init "
     assert run(sbx, "echo still").stdout == "still\n"
+
+
+# Runs in the background while the server is down, when the agent holds processes nobody owns:
+# it tries every way a sandbox process could reach the agent's channel or the kept pipe ends.
+TAKEOVER = r"""
+import ctypes, errno, json, os, socket, struct, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+ADOPT = struct.pack("=II", 3, 1)
+found = {"pid 1 fds": [], "answers": [], "own fds": sorted(os.listdir("/proc/self/fd"))}
+def sockets():
+    for line in open("/proc/net/unix").read().splitlines()[1:]:
+        parts = line.split()
+        if len(parts) > 7 and parts[7].startswith("@"):
+            yield "\0" + parts[7][1:]
+    for top in ("/", "/tmp", "/run", "/var", "/dev", "/.corral"):
+        for root, dirs, files in os.walk(top):
+            dirs[:] = [d for d in dirs if os.path.join(root, d) not in ("/proc", "/sys")]
+            for name in files:
+                path = os.path.join(root, name)
+                try:
+                    if os.path.exists(path) and (os.stat(path).st_mode & 0o170000) == 0o140000:
+                        yield path
+                except OSError:
+                    pass
+def ask(address):
+    for kind in (socket.SOCK_SEQPACKET, socket.SOCK_STREAM):
+        try:
+            with socket.socket(socket.AF_UNIX, kind) as s:
+                s.settimeout(0.5)
+                s.connect(address)
+                s.send(ADOPT)
+                data, fds, _, _ = socket.recv_fds(s, 1 << 16, 8)
+                if fds or data[:4] in (struct.pack("=I", 16), struct.pack("=I", 20)):
+                    found["answers"].append([address, len(data), len(fds)])
+        except OSError:
+            pass
+deadline = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < deadline:
+    for fd in range(0, 64):
+        try:
+            os.close(os.open(f"/proc/1/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK))
+            found["pid 1 fds"].append(["open", fd])
+        except OSError:
+            pass
+        try:
+            pidfd = os.pidfd_open(1)
+            got = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
+            os.close(pidfd)
+            if got >= 0:
+                found["pid 1 fds"].append(["pidfd_getfd", fd])
+        except OSError:
+            pass
+    for address in set(sockets()):
+        ask(address)
+    time.sleep(0.1)
+with open("/tmp/takeover.part", "w") as out:
+    json.dump(found, out)
+os.rename("/tmp/takeover.part", "/tmp/takeover.json")
+"""
+
+
+def test_sandbox_root_cannot_take_over_processes_while_the_server_is_down(
+    corral_server: ServerProcess, make_sandbox: SandboxFactory
+) -> None:
+    """While no server runs, the agent holds the ends of processes nobody owns, until a connection
+    on its socket asks for them (ADOPT). It trusts every connection there, so only host root may
+    make one: sandbox root, probing all the while, reaches neither the socket nor PID 1's fds,
+    inherits no kept end, and the restarted server gets the victim back intact."""
+    sbx = make_sandbox()
+    victim = sbx.commands.run("cat", background=True, stdin=True, user="user", timeout=0)
+    sbx.files.write("/tmp/takeover.py", TAKEOVER, user="root")
+    sbx.commands.run("python3 /tmp/takeover.py 6", background=True, user="root", timeout=0)
+    time.sleep(1)  # the probe is under way
+    corral_server.restart(signal.SIGKILL)
+
+    resumed = Sandbox.connect(sbx.sandbox_id, **sdk_opts(corral_server))
+    assert victim.pid in {p.pid for p in resumed.commands.list()}
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            found = json.loads(resumed.files.read("/tmp/takeover.json"))
+            break
+        except NotFoundException:
+            assert time.monotonic() < deadline, "the probe never finished"
+            time.sleep(0.2)
+    assert found["answers"] == [] and found["pid 1 fds"] == [], found
+    assert found["own fds"] == ["0", "1", "2", "3"], found  # stdio, and the fd listing itself
+    stream = resumed.commands.connect(victim.pid, timeout=0)
+    resumed.commands.send_stdin(victim.pid, "still mine\n")
+    resumed.commands.close_stdin(victim.pid)
+    assert stream.wait().stdout == "still mine\n"

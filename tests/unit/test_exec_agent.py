@@ -22,13 +22,19 @@ import pytest
 
 from corral.core.errors import Internal, InvalidArgument
 from corral.node.runtime.agent import (
+    MAX_DESCRIPTION,
+    AdoptEnd,
     AgentConnection,
+    AgentProcess,
     AgentProtocolError,
     AgentSpawner,
     Exited,
     Failed,
     Hello,
+    Kept,
     Spawned,
+    encode_adopt,
+    encode_close_stdin,
     encode_signal,
     encode_spawn,
     exit_status,
@@ -115,14 +121,47 @@ def test_exit_status_is_go_like() -> None:
 
 def test_encode_spawn_layout() -> None:
     user = UserIds("user", 1000, 1000, "/home/user", groups=(27, 1000))
-    data = encode_spawn(
-        9, request("/bin/echo", "a b", env={"A": "1"}, cwd="/tmp", user=user, pty=PtySize(80, 24))
+    pty = request(
+        "/bin/echo", "a b", env={"A": "1"}, cwd="/tmp", user=user, pty=PtySize(80, 24), description=b"D"
     )
-    fixed = struct.unpack_from("=IIIIIIIIHH", data)
-    assert fixed == (1, 9, 1000, 1000, 1, 2, 2, 1, 80, 24)
-    assert struct.unpack_from("=2I", data, 36) == (27, 1000)
-    assert data[44:] == b"/tmp\0/bin/echo\0a b\0A=1\0"
+    data = encode_spawn(9, pty)
+    fixed = struct.unpack_from("=IIIIIIIIIHH", data)
+    assert fixed == (1, 9, 1000, 1000, 1 | 2, 2, 2, 1, 1, 80, 24)  # F_PTY | F_KEEP, desclen 1
+    assert struct.unpack_from("=2I", data, 40) == (27, 1000)
+    assert data[48:] == b"D/tmp\0/bin/echo\0a b\0A=1\0"
+    piped = struct.unpack_from("=IIIIIIIIIHH", encode_spawn(9, request("/bin/cat", stdin=True)))
+    assert piped[4] == 2 | 4  # F_KEEP | F_STDIN: the host's stdin end goes along
+    # An agent of protocol 1 (booted before processes were kept) gets the old layout, no description.
+    old = encode_spawn(9, pty, version=1)
+    assert struct.unpack_from("=IIIIIIIIHH", old) == (1, 9, 1000, 1000, 1, 2, 2, 1, 80, 24)
+    assert old[44:] == b"/tmp\0/bin/echo\0a b\0A=1\0"
     assert struct.unpack("=IIII", encode_signal(42, 15)) == (2, 0, 42, 15)
+    assert struct.unpack("=II", encode_adopt(5)) == (3, 5)
+    assert struct.unpack("=III", encode_close_stdin(42)) == (4, 0, 42)
+    with pytest.raises(InvalidArgument, match="description too large"):
+        encode_spawn(1, request("/bin/true", description=b"x" * (MAX_DESCRIPTION + 1)))
+
+
+def process_record(ident: int, pid: int, flags: int, status: int = 0, description: bytes = b"") -> bytes:
+    return struct.pack("=IIIIII", 20, ident, pid, flags, status, len(description)) + description
+
+
+def test_parse_process_records() -> None:
+    assert parse_message(process_record(3, 42, 4, 0, b"{}")) == Kept(3, 42, False, True, None, b"{}")
+    assert parse_message(process_record(3, 42, 1 | 2, 7 << 8)) == Kept(3, 42, True, False, ExitStatus(7), b"")
+    assert parse_message(record(21, 3, 2, 0)) == AdoptEnd(3, 2)
+    for bad in (
+        process_record(3, 42, 0)[:-1],  # short
+        process_record(3, 42, 0, 0, b"abc")[:-1],  # description shorter than said
+        process_record(3, 42, 0, 0, b"x" * (MAX_DESCRIPTION + 1)),
+        process_record(3, 1, 0),  # pid 1
+        process_record(3, 42, 8),  # unknown flag
+        process_record(3, 42, 1 | 4),  # a pty with a stdin pipe
+        process_record(3, 42, 0, 3 << 8),  # a status without P_EXITED
+        process_record(3, 42, 2, 0x137F),  # exited, but the status says stopped
+    ):
+        with pytest.raises(AgentProtocolError):
+            parse_message(bad)
 
 
 @pytest.mark.parametrize(
@@ -313,6 +352,113 @@ async def test_fake_agent_that_never_answers(
     assert not connection.closed
 
 
+@pytest.fixture
+async def pair2() -> AsyncIterator[tuple[AgentConnection, FakeAgent]]:
+    """A connection to a fake agent of protocol 2 (it keeps processes)."""
+    host, agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    host.setblocking(False)
+    agent.setblocking(False)
+    connection = AgentConnection(host, "fake")
+    fake = FakeAgent(agent)
+    fake.send(record(16, 0, 2, 1 << 20))
+    await asyncio.wait_for(asyncio.shield(connection.hello), 5)
+    yield connection, fake
+    connection.close()
+    agent.close()
+
+
+async def adopt_and_answer(
+    connection: AgentConnection, fake: FakeAgent, answers: list[tuple[Any, list[int]]]
+) -> list[AgentProcess]:
+    """ADOPT, answered by `answers`: (a function of the request id that makes the record, fds)."""
+    adopting = asyncio.ensure_future(connection.adopt())
+    data, _ = await asyncio.wait_for(fake.receive(), 5)
+    kind, ident = struct.unpack("=II", data)
+    assert kind == 3
+    for make, fds in answers:
+        fake.send(make(ident), fds)
+    return await asyncio.wait_for(adopting, 5)
+
+
+async def test_fake_agent_hands_over_processes(pair2: tuple[AgentConnection, FakeAgent]) -> None:
+    connection, fake = pair2
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    in_r, in_w = os.pipe()
+    done_r, done_w = os.pipe()
+    try:
+        procs = await adopt_and_answer(connection, fake, [
+            (lambda i: process_record(i, 42, 4, 0, b"running"), [out_r, err_r, in_w]),
+            (lambda i: process_record(i, 43, 2, 9, b"killed"), [done_r, done_r]),
+            (lambda i: record(21, i, 2, 0), []),
+        ])  # fmt: skip
+        running, exited = procs
+        assert (running.pid, running.description, running.kept) == (42, b"running", True)
+        assert (exited.pid, exited.description) == (43, b"killed")
+        assert await asyncio.wait_for(exited.wait(), 5) == ExitStatus(-1, signal=signal.SIGKILL)
+        os.write(out_w, b"out")
+        os.write(err_w, b"err")
+        os.close(out_w)
+        os.close(err_w)
+        await running.write_input(b"in")
+        assert os.read(in_r, 10) == b"in"
+        running.close_stdin()  # the agent must drop its copy too
+        data, _ = await asyncio.wait_for(fake.receive(), 5)
+        assert struct.unpack("=III", data) == (4, 0, 42)
+        assert await asyncio.wait_for(collect(running), 5) == {"stdout": b"out", "stderr": b"err"}
+        fake.send(record(19, 0, 42, 3 << 8))  # its exit now comes to this connection
+        assert await asyncio.wait_for(running.wait(), 5) == ExitStatus(3)
+        assert not connection.closed
+    finally:
+        for proc in locals().get("procs", []):
+            proc.close()
+        for fd in (out_r, err_r, in_r, in_w, done_r, done_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "file_as_pipe",
+        "wrong_direction",
+        "missing_fd",
+        "pipe_as_pty",
+        "wrong_count",
+        "unknown_request",
+        "duplicate_pid",
+        "too_many",
+    ],
+)
+async def test_fake_agent_handing_over_badly_drops_the_connection(
+    pair2: tuple[AgentConnection, FakeAgent], kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connection, fake = pair2
+    monkeypatch.setattr("corral.node.runtime.agent._MAX_KEPT", 2)
+    before = open_fds()
+    r, w = os.pipe()
+    with tempfile.TemporaryFile() as file:
+        answers: list[tuple[Any, list[int]]] = {
+            "file_as_pipe": [(lambda i: process_record(i, 42, 0), [file.fileno(), r])],
+            "wrong_direction": [(lambda i: process_record(i, 42, 0), [r, w])],
+            "missing_fd": [(lambda i: process_record(i, 42, 4), [r, r])],
+            "pipe_as_pty": [(lambda i: process_record(i, 42, 1), [r])],
+            "wrong_count": [
+                (lambda i: process_record(i, 42, 0), [r, r]),
+                (lambda i: record(21, i, 5, 0), []),
+            ],
+            "unknown_request": [(lambda i: process_record(i + 1, 42, 0), [r, r])],
+            "duplicate_pid": [(lambda i: process_record(i, 42, 0), [r, r])] * 2,
+            "too_many": [(lambda i, pid=pid: process_record(i, pid, 0), [r, r]) for pid in (42, 43, 44)],
+        }[kind]
+        with pytest.raises(Internal, match="could not take over processes"):
+            await adopt_and_answer(connection, fake, answers)
+    os.close(r)
+    os.close(w)
+    assert connection.closed
+    assert open_fds() - before <= {str(fake.sock.fileno())}
+
+
 # -- the real agent, run on the host (not as PID 1) ----------------------------------------------------
 
 
@@ -431,6 +577,79 @@ async def test_real_agent_survives_garbage_and_serves_the_next_connection(agent_
         spawner.close()
 
 
+async def test_real_agent_keeps_processes_for_the_next_server(agent_socket: Path) -> None:
+    """A server that goes away leaves its processes to the agent: one that writes 3 MB meanwhile
+    blocks (no EPIPE) and goes on, one that exits is remembered, a pty shell gets no hangup, a
+    stdin pipe stays open; the next connection gets them all, with their descriptions."""
+    first = AgentSpawner(agent_socket, "host")
+    script = "sleep 0.5; head -c 3000000 /dev/zero; echo; echo end; exit 5"
+    writer = await first.spawn(request("/bin/sh", "-c", script, description=b"writer"))
+    quitter = await first.spawn(
+        request("/bin/sh", "-c", "sleep 0.3; echo bye; exit 7", description=b"quitter")
+    )
+    shell = await first.spawn(request("/bin/sh", pty=PtySize(cols=80, rows=24), description=b"shell"))
+    cat = await first.spawn(request("/bin/cat", stdin=True, description=b"cat"))
+    for proc in (writer, quitter, shell, cat):
+        proc.close()  # the server dies: its ends go
+    first.close()
+    await asyncio.sleep(1.5)  # the writer has filled its pipe, the quitter exited
+
+    adopted: list[AgentProcess] = []
+    second = AgentSpawner(agent_socket, "host", on_adopted=adopted.extend)
+    other: list[AgentProcess] = []
+    third = AgentSpawner(agent_socket, "host", on_adopted=other.extend)
+    try:
+        await second.ready()
+        await third.ready()
+        assert other == []  # owned by a live connection: not handed to another
+        by_name = {proc.description: proc for proc in adopted}
+        assert set(by_name) == {b"writer", b"quitter", b"shell", b"cat"}
+        assert {proc.pid for proc in adopted} == {writer.pid, quitter.pid, shell.pid, cat.pid}
+        output = await asyncio.wait_for(collect(by_name[b"writer"]), 20)
+        assert output["stdout"] == b"\0" * 3000000 + b"\nend\n"
+        assert await asyncio.wait_for(by_name[b"writer"].wait(), 10) == ExitStatus(5)
+        assert await asyncio.wait_for(by_name[b"quitter"].wait(), 1) == ExitStatus(7)
+        assert (await asyncio.wait_for(collect(by_name[b"quitter"]), 5))["stdout"] == b"bye\n"
+        await by_name[b"cat"].write_input(b"still here")
+        by_name[b"cat"].close_stdin()
+        assert (await asyncio.wait_for(collect(by_name[b"cat"]), 10))["stdout"] == b"still here"
+        assert await asyncio.wait_for(by_name[b"cat"].wait(), 10) == ExitStatus(0)
+        pty = by_name[b"shell"]
+        await pty.write_input(b"echo $((6 * 7)); exit 3\n")
+        text = (await asyncio.wait_for(collect(pty), 10))["pty"]
+        assert b"42" in text, text
+        assert await asyncio.wait_for(pty.wait(), 10) == ExitStatus(3)
+    finally:
+        for proc in adopted + other:
+            proc.close()
+        second.close()
+        third.close()
+
+
+async def test_real_agent_bounds_remembered_exits(agent_socket: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    first = AgentSpawner(agent_socket, "host")
+    script = f"read x < {fifo}; exit $1"  # all wait until the FIFO's writer comes and goes
+    procs = [await first.spawn(request("/bin/sh", "-c", script, "sh", str(i % 200))) for i in range(260)]
+    for proc in procs:
+        proc.close()
+    first.close()
+    await asyncio.sleep(0.2)
+    os.close(os.open(fifo, os.O_WRONLY))
+    await asyncio.sleep(1)
+    adopted: list[AgentProcess] = []
+    second = AgentSpawner(agent_socket, "host", on_adopted=adopted.extend)
+    try:
+        await second.ready()
+        assert len(adopted) == 256  # MAX_EXITED: the oldest exits are forgotten
+        assert {(await p.wait()).exit_code for p in adopted} <= set(range(200))
+    finally:
+        for proc in adopted:
+            proc.close()
+        second.close()
+
+
 # -- where the agent is used ------------------------------------------------------------------------
 
 
@@ -448,3 +667,43 @@ def test_init_config_with_and_without_the_agent() -> None:
     assert (catatonit["args"], catatonit["noNewPrivileges"]) == ([INIT_PATH, "-P"], True)
     assert traits_for("crun").exec_agent and traits_for("/usr/bin/crun").exec_agent
     assert not traits_for("runsc").exec_agent  # no fds into the sandbox: catatonit and `runsc exec`
+
+
+def test_process_description_round_trip_and_bounds() -> None:
+    from corral.node.envd.process import describe_process, read_description
+    from corral.spec._generated.process import process_pb as pb
+
+    config = pb.ProcessConfig(cmd="/bin/bash", args=["-l", "-c", "sleep 1"], envs={"A": "1"}, cwd="/tmp")
+    data = describe_process(config, "web", True, 1234.5)
+    back, tag, pty, deadline = read_description(data)
+    assert (back.cmd, list(back.args), dict(back.envs), back.cwd) == (
+        "/bin/bash",
+        ["-l", "-c", "sleep 1"],
+        {"A": "1"},
+        "/tmp",
+    )
+    assert (tag, pty, deadline) == ("web", True, 1234.5)
+    plain, tag, pty, deadline = read_description(
+        describe_process(pb.ProcessConfig(cmd="ls"), None, False, None)
+    )
+    assert (plain.cmd, plain.has_field("cwd"), tag, pty, deadline) == ("ls", False, None, False, None)
+    # Too large for the agent (MAX_DESCRIPTION): envs go first, then args; the rest stays.
+    huge_env = pb.ProcessConfig(cmd="env", args=["x"], envs={"BIG": "v" * 20000})
+    assert len(describe_process(huge_env, "t", False, None)) <= MAX_DESCRIPTION
+    back, tag, _, _ = read_description(describe_process(huge_env, "t", False, None))
+    assert (back.cmd, list(back.args), dict(back.envs), tag) == ("env", ["x"], {}, "t")
+    huge_args = pb.ProcessConfig(cmd="echo", args=["a" * 20000])
+    back, _, _, _ = read_description(describe_process(huge_args, None, False, None))
+    assert (back.cmd, list(back.args)) == ("echo", [])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\xff\xfe", b"[]", b"null", b'{"cmd": 5}', b'{"args": "x"}', b'{"envs": {"A": 1}}', b'{"tag": []}',
+     b'{"pty": "yes"}', b'{"deadline": "soon"}', b'{"deadline": true}', b'{"cwd": 1}'],
+)  # fmt: skip
+def test_process_description_from_a_hostile_agent_reads_as_empty(data: bytes) -> None:
+    from corral.node.envd.process import read_description
+
+    config, tag, pty, deadline = read_description(data)
+    assert (config.cmd, list(config.args), tag, pty, deadline) == ("", [], None, False, None)

@@ -22,7 +22,7 @@ from typing import Any
 
 from corral.builder.sandbox import PATH
 from corral.core.errors import FailedPrecondition
-from corral.node.envd.process import ManagedProcess
+from corral.node.envd.process import ManagedProcess, describe_process
 from corral.node.envd.users import lookup_user
 from corral.node.runtime._fdio import read_chunk
 from corral.node.runtime.base import ExitStatus, SpawnRequest
@@ -92,15 +92,17 @@ async def start_template_processes(
     env.update(manifest.env_vars or {})
     env.update(envd.default_env())
 
-    def request(command: str) -> SpawnRequest:
-        return SpawnRequest(argv=["/bin/bash", "-l", "-c", command], env=env, cwd=cwd, user=user)
+    def request(command: str, description: bytes = b"") -> SpawnRequest:
+        argv = ["/bin/bash", "-l", "-c", command]
+        return SpawnRequest(argv=argv, env=env, cwd=cwd, user=user, description=description)
 
     started: ManagedProcess | None = None
     if start_cmd:
-        proc = await envd.spawner.spawn(request(start_cmd))
         config = pb.ProcessConfig(
             cmd="/bin/bash", args=["-l", "-c", start_cmd], envs=dict(manifest.env_vars or {}), cwd=cwd
         )
+        # Described like envd's own starts, so a restarted server lists it again (tag "start").
+        proc = await envd.spawner.spawn(request(start_cmd, describe_process(config, "start", False, None)))
         started = ManagedProcess(proc, config, "start", False)
         envd.processes.add(started, None)  # the table pumps (and drops) its output and owns it
 

@@ -547,6 +547,7 @@ class Node:
         root_fd = os.open(root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         handle.init_pid = init_pid
         handle.root_fd = root_fd
+        processes = ProcessTable()
         handle.envd = EnvdSandbox(
             sandbox_id=spec.sandbox_id,
             template_id=spec.template_id,
@@ -554,11 +555,12 @@ class Node:
             env_vars=dict(spec.env_vars),
             root=ConfinedRoot(root_fd, owns_fd=True, id_map=handle.id_map),
             spawner=(
-                AgentSpawner(handle.path / AGENT_SOCKET, spec.sandbox_id)
+                # Processes a previous server started come back with each new agent connection.
+                AgentSpawner(handle.path / AGENT_SOCKET, spec.sandbox_id, on_adopted=processes.adopt_all)
                 if (handle.path / AGENT_SOCKET).exists()  # booted with the exec agent as its init
                 else RuntimeSpawner(runtime, spec.sandbox_id, handle.path, self._nofile_hard)
             ),
-            processes=ProcessTable(),
+            processes=processes,
             usage=lambda: self.usage(spec.sandbox_id),
             **self._template_defaults(spec.template_id),
         )
@@ -621,6 +623,7 @@ class Node:
             raise FailedPrecondition(f"sandbox '{sandbox_id}' is {handle.status.value}, not frozen")
         await self._thaw_container(handle)
         handle.status = NodeStatus.RUNNING
+        await self._take_over_processes([sandbox_id], timeout=2.0)  # if adopted while frozen
 
     async def _freeze_container(self, handle: SandboxHandle) -> None:
         runtime = self.runtime_of_handle(handle)
@@ -779,6 +782,7 @@ class Node:
                 self._sandboxes.pop(sandbox_id, None)
             lost.append(sandbox_id)
             await self._cleanup(sandbox_id)
+        await self._take_over_processes(adopted)
         strays = (set(containers) | set(attachments) | self._sandbox_dirs()) - set(adopted)
         for sandbox_id in strays - set(lost):
             log.info("removing stray sandbox %s", sandbox_id)
@@ -826,6 +830,21 @@ class Node:
                 await self._thaw_container(handle)
             handle.status = NodeStatus.RUNNING
         return True
+
+    async def _take_over_processes(self, sandbox_ids: list[str], timeout: float = 5.0) -> None:
+        """Connect to the exec agents of running sandboxes now, so that their processes (started by
+        the previous server) are listed from the first request on; together, and bounded: an agent
+        that does not answer in time hands them over at its next connection instead."""
+        waits = []
+        for sandbox_id in sandbox_ids:
+            handle = self._sandboxes.get(sandbox_id)
+            envd = handle.envd if handle is not None and handle.serving else None
+            if envd is not None and isinstance(envd.spawner, AgentSpawner):
+                waits.append(asyncio.ensure_future(envd.spawner.ready()))
+        if waits:
+            _, late = await asyncio.wait(waits, timeout=timeout)
+            for wait in late:
+                wait.cancel()
 
     def _sandbox_dirs(self) -> set[str]:
         root = self.settings.sandboxes_dir

@@ -10,6 +10,13 @@ connectable for `RETAIN_ENDED_S`.
 Lifecycle of a ManagedProcess: running (`status is None`) → output EOF and exit status both seen
 (or, after a kill, exit status seen: descendants that keep the pipes open do not hold the end
 back) → `end` published to every subscriber → retained for `RETAIN_ENDED_S` → forgotten.
+
+After a server restart: where the runtime keeps processes for the next server (the exec agent),
+each Start hands it a description of the process (`describe_process`: the E2B config, tag, pty,
+lifetime deadline), and the new server's `ProcessTable.adopt` rebuilds the process from it, so
+List, Connect, SendInput, SendSignal and Update work on it as before. Its output was left in the
+pipe while no server ran; it is not read (so not dropped) until the first Connect, or for at most
+`ADOPTED_HOLD_S` (then, as for any process, output nobody is subscribed to is dropped).
 """
 
 from __future__ import annotations
@@ -17,12 +24,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import contextvars
+import json
 import logging
 import signal
 import stat
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from connectrpc.code import Code
@@ -38,6 +47,7 @@ from corral.spec._generated.process import process_connect
 from corral.spec._generated.process import process_pb as pb
 
 __all__ = [
+    "ADOPTED_HOLD_S",
     "DEFAULT_KEEPALIVE_S",
     "END_OF_STREAM_FOLLOWS",
     "RETAIN_ENDED_S",
@@ -48,12 +58,16 @@ __all__ = [
     "SandboxGone",
     "acting_username",
     "connect_error",
+    "describe_process",
+    "read_description",
     "resolve_cwd",
 ]
 
 log = logging.getLogger(__name__)
 
 RETAIN_ENDED_S = 30.0
+ADOPTED_HOLD_S = 120.0  # an adopted process's output waits this long for a Connect before it is read
+MAX_DESCRIPTION = 16 << 10  # corral.node.runtime.agent.MAX_DESCRIPTION: larger ones lose envs, then args
 DEFAULT_KEEPALIVE_S = 90.0
 CHANNEL_CHUNKS = 16  # per subscriber: at most 16 reads (≤ 64 KiB each) waiting to be sent
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -145,8 +159,64 @@ class OutputChannel:
         self.close()
 
 
+def describe_process(config: pb.ProcessConfig, tag: str | None, pty: bool, deadline: float | None) -> bytes:
+    """What the runtime keeps for a restarted server (`read_description` reads it back): the E2B
+    config, tag, pty, and the lifetime deadline (wall clock). At most MAX_DESCRIPTION bytes: envs,
+    then args are left out of one that is larger."""
+    fields: dict[str, Any] = {
+        "cmd": config.cmd, "args": list(config.args), "envs": dict(config.envs),
+        "cwd": _optional(config, "cwd"), "tag": tag, "pty": pty, "deadline": deadline,
+    }  # fmt: skip
+    for drop in ((), ("envs",), ("envs", "args")):
+        data = json.dumps({k: v for k, v in fields.items() if k not in drop}, separators=(",", ":")).encode()
+        if len(data) <= MAX_DESCRIPTION:
+            return data
+    fields = {"cmd": config.cmd[:1024], "tag": tag[:1024] if tag else tag, "pty": pty, "deadline": deadline}
+    return json.dumps(fields).encode()
+
+
+def read_description(data: bytes) -> tuple[pb.ProcessConfig, str | None, bool, float | None]:
+    """(config, tag, pty, deadline) of a `describe_process` description. It comes back from inside
+    the sandbox: anything malformed reads as an empty config (nothing is raised)."""
+    try:
+        fields = json.loads(data)
+    except ValueError:  # also UnicodeDecodeError
+        fields = None
+    if not isinstance(fields, dict) or not _plausible_description(fields):
+        return pb.ProcessConfig(), None, False, None
+    config = pb.ProcessConfig(
+        cmd=fields.get("cmd", ""), args=fields.get("args", []), envs=fields.get("envs", {})
+    )
+    if fields.get("cwd") is not None:
+        config.cwd = fields["cwd"]
+    deadline = fields.get("deadline")
+    return config, fields.get("tag"), fields.get("pty", False), None if deadline is None else float(deadline)
+
+
+def _plausible_description(fields: dict[str, Any]) -> bool:
+    args, envs, deadline = fields.get("args", []), fields.get("envs", {}), fields.get("deadline")
+    return (
+        isinstance(fields.get("cmd", ""), str)
+        and isinstance(args, list) and all(isinstance(arg, str) for arg in args)
+        and isinstance(envs, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in envs.items())
+        and all(isinstance(fields.get(key), str | None) for key in ("cwd", "tag"))
+        and isinstance(fields.get("pty", False), bool)
+        and (deadline is None or (isinstance(deadline, int | float) and not isinstance(deadline, bool)))
+    )  # fmt: skip
+
+
 class ManagedProcess:
-    def __init__(self, proc: SpawnedProcess, config: pb.ProcessConfig, tag: str | None, pty: bool) -> None:
+    """`hold_output_s`: output is not read before the first subscriber comes, for at most this long
+    (an adopted process, whose output waited in its pipe for the next server)."""
+
+    def __init__(
+        self,
+        proc: SpawnedProcess,
+        config: pb.ProcessConfig,
+        tag: str | None,
+        pty: bool,
+        hold_output_s: float | None = None,
+    ) -> None:
         self.proc = proc
         self.pid: int = proc.pid
         self.config = config
@@ -158,6 +228,12 @@ class ManagedProcess:
         self._killed = asyncio.Event()  # a terminating signal was sent: stop waiting for output EOF
         self._subscribers: set[OutputChannel] = set()
         self.done = asyncio.Event()
+        self.adopted = hold_output_s is not None
+        self.exit_seen = False  # the runtime reported the exit (output may still be coming)
+        self._hold_output_s = hold_output_s
+        self._subscribed = asyncio.Event()
+        if hold_output_s is None:
+            self._subscribed.set()
 
     @property
     def running(self) -> bool:
@@ -169,6 +245,7 @@ class ManagedProcess:
             channel.send_final(_End(self.status))
         else:
             self._subscribers.add(channel)
+            self._subscribed.set()
         return channel
 
     def unsubscribe(self, channel: OutputChannel) -> None:
@@ -181,6 +258,10 @@ class ManagedProcess:
             self._killed.set()
 
     async def _copy(self, stream: str, fd: int) -> None:
+        if not self._subscribed.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._hold_output_s):
+                    await self._subscribed.wait()
         while chunk := await read_chunk(fd):
             item = _Data(stream, chunk)
             for channel in list(self._subscribers):
@@ -193,6 +274,7 @@ class ManagedProcess:
             async with asyncio.TaskGroup() as tg:
                 copies = [tg.create_task(self._copy(stream, fd)) for stream, fd in self.proc.output_fds()]
                 status = await self.proc.wait()
+                self.exit_seen = True
                 if copies:
                     output_done = asyncio.ensure_future(asyncio.wait(copies))
                     killed = asyncio.ensure_future(self._killed.wait())
@@ -247,6 +329,23 @@ class ProcessTable:
             self._timers.add(timer)
         self._own(self._pumps, self._pump(mp, timer))
 
+    def adopt(self, proc: SpawnedProcess, description: bytes) -> ManagedProcess:
+        """A process a previous server started, as its description says (see `describe_process`);
+        its lifetime limit, if it had one, still ends it at the same time."""
+        config, tag, pty, deadline = read_description(description)
+        lifetime = None if deadline is None else max(0.0, deadline - time.time())
+        mp = ManagedProcess(proc, config, tag, pty, hold_output_s=ADOPTED_HOLD_S)
+        self.add(mp, lifetime)
+        return mp
+
+    def adopt_all(self, procs: Sequence[SpawnedProcess]) -> None:
+        """`adopt` each, with the description it carries (`AgentProcess.description`)."""
+        for proc in procs:
+            if self.closed:
+                proc.close()
+            else:
+                self.adopt(proc, getattr(proc, "description", b""))
+
     def _lifetime_reached(self, mp: ManagedProcess) -> None:
         if not mp.done.is_set():
             mp.lifetime_expired = True
@@ -290,7 +389,9 @@ class ProcessTable:
         raise InvalidArgument("process selector is required")
 
     def running(self) -> list[ManagedProcess]:
-        return [mp for mp in self._by_pid.values() if mp.running]
+        """Running processes (an adopted one that exited while no server ran is not, though its
+        output may still wait for a Connect)."""
+        return [mp for mp in self._by_pid.values() if mp.running and not (mp.adopted and mp.exit_seen)]
 
     def close(self) -> None:
         """The sandbox is gone (or the server stops): cut every stream.
@@ -462,6 +563,8 @@ class ProcessService(process_connect.Process):
         timeout_ms = ctx.timeout_ms
         lifetime = timeout_ms / 1000.0 if timeout_ms is not None and timeout_ms > 0 else None
         deadline = time.monotonic() + lifetime if lifetime is not None else None
+        tag = _optional(request, "tag")
+        wall_deadline = None if lifetime is None else time.time() + lifetime
         try:
             proc = await sandbox.spawner.spawn(
                 SpawnRequest(
@@ -471,11 +574,12 @@ class ProcessService(process_connect.Process):
                     user=user,
                     pty=pty,
                     stdin=pty is None and stdin is not False,
+                    description=describe_process(config, tag, pty is not None, wall_deadline),
                 )
             )
         except CorralError as exc:
             raise connect_error(exc) from None
-        mp = ManagedProcess(proc, config, _optional(request, "tag"), pty is not None)
+        mp = ManagedProcess(proc, config, tag, pty is not None)
         channel = mp.subscribe()
         sandbox.processes.add(mp, None if deadline is None else max(0.0, deadline - time.monotonic()))
         async for message in self._stream(mp, channel, ctx, pb.StartResponse, deadline, owns_lifetime=True):

@@ -75,6 +75,9 @@ class SpawnRequest:
     user: UserIds
     pty: PtySize | None = None  # a real pseudo-terminal (TERM etc. are the caller's business)
     stdin: bool = False  # keep a writable stdin pipe; otherwise stdin is /dev/null
+    # Opaque to the runtime: kept with the process where the runtime outlives the server (the exec
+    # agent), and handed back to a restarted server with the process (`AgentProcess.description`).
+    description: bytes = b""
 
 
 class SpawnedProcess(Protocol):
