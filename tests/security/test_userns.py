@@ -77,7 +77,9 @@ def test_sandbox_root_is_an_unprivileged_host_uid(
     a.commands.run("sudo -n sleep 301", user="user", background=True)
     a.commands.run("sleep 302", user="user", background=True)
     init_pid = int((_sandbox_dir(userns_server, a) / "init.pid").read_text())
-    inside = run(a, "ps -C sleep -o uid=,args=").stdout  # ps shows sandbox ids
+    # ps shows sandbox ids; sudo takes a moment to exec its sleep
+    waiting = "for i in $(seq 100); do [ $(ps -C sleep -o args= | grep -c 'sleep 30') = 2 ] && break; sleep 0.1; done"
+    inside = run(a, f"{waiting}; ps -C sleep -o uid=,args=").stdout
     assert sorted(line.split()[0] for line in inside.splitlines() if "sleep 30" in line) == ["0", "1000"]
     for marker, sandbox_uid in (("sleep\x00301", 0), ("sleep\x00302", 1000)):
         pids = [
