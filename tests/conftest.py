@@ -24,8 +24,14 @@ TEST_HOME = Path(os.environ.get("CORRAL_TEST_HOME", "/var/lib/corral-test"))
 # Separate runs on one machine (a developer's and CI's) must differ in all three.
 TEST_BRIDGE = os.environ.get("CORRAL_TEST_BRIDGE", "crltest0")
 TEST_SUBNET = os.environ.get("CORRAL_TEST_SUBNET", "10.202.0.0/16")
+# The test server's sandboxes have the exec agent as their init (crun, unless turned off).
+NEEDS_EXEC_AGENT = pytest.mark.skipif(
+    os.environ.get("CORRAL_RUNTIME", "crun") != "crun" or os.environ.get("CORRAL_EXEC_AGENT", "1") in ("0", "off"),
+    reason="the exec agent runs with crun only (and not with CORRAL_EXEC_AGENT=0)",
+)
 __all__ = [
     "DEFAULT_HOME",
+    "NEEDS_EXEC_AGENT",
     "TEST_API_KEY",
     "TEST_BRIDGE",
     "TEST_HOME",

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 
 import pytest
 from connectrpc.code import Code
@@ -26,15 +25,11 @@ from e2b.sandbox.commands.command_handle import PtySize
 from corral.node.envd.confined import ConfinedRoot
 from corral.node.envd.users import lookup_user
 from corral.node.runtime.oci import build_exec_process
-from tests.conftest import TEST_HOME, ServerProcess
+from tests.conftest import NEEDS_EXEC_AGENT, TEST_HOME, ServerProcess
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(
-        os.environ.get("CORRAL_RUNTIME", "crun") != "crun"
-        or os.environ.get("CORRAL_EXEC_AGENT", "1") in ("0", "off"),
-        reason="the exec agent runs with crun only (and not with CORRAL_EXEC_AGENT=0)",
-    ),
+    NEEDS_EXEC_AGENT,
 ]
 
 # Everything a process's credentials and confinement are made of (env vars are envd's business).
@@ -43,15 +38,6 @@ IDENTITY = (
     " cat /proc/self/cgroup; ulimit -a; ulimit -Ha; umask; cat /proc/self/oom_score_adj; id;"
     " for ns in mnt pid net user ipc uts cgroup; do readlink /proc/self/ns/$ns; done"
 )
-
-
-@pytest.fixture
-def sbx(e2b_env: ServerProcess) -> Iterator[Sandbox]:
-    sandbox = Sandbox.create(timeout=300)
-    try:
-        yield sandbox
-    finally:
-        sandbox.kill()
 
 
 def _init_pid(sandbox_id: str) -> int:

@@ -5,7 +5,6 @@ a pty session keeps its terminal; an exit while the server was down is reported.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -17,27 +16,12 @@ from e2b.envd.process import process_pb
 from e2b.envd.utils import authentication_header, extract_start_pid
 from e2b.sandbox.commands.command_handle import PtySize
 
-from tests.conftest import TEST_HOME, ServerProcess
+from tests.conftest import NEEDS_EXEC_AGENT, TEST_HOME, ServerProcess
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(
-        os.environ.get("CORRAL_RUNTIME", "crun") != "crun"
-        or os.environ.get("CORRAL_EXEC_AGENT", "1") in ("0", "off"),
-        reason="processes outlive the server with the exec agent only (crun, not CORRAL_EXEC_AGENT=0)",
-    ),
+    NEEDS_EXEC_AGENT,
 ]
-
-
-@pytest.fixture
-def sbx(e2b_env: ServerProcess) -> Iterator[Sandbox]:
-    sandbox = Sandbox.create(timeout=300)
-    try:
-        yield sandbox
-    finally:
-        if e2b_env.proc is None:  # a test that failed while the server was down
-            e2b_env.start()
-        Sandbox.connect(sandbox.sandbox_id).kill()
 
 
 def _start_tagged(sandbox: Sandbox, script: str, tag: str) -> int:

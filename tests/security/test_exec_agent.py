@@ -7,7 +7,6 @@ PID 1), its memory, or its executable, and must not be able to stop it from serv
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 
@@ -16,16 +15,13 @@ from e2b import Sandbox
 from e2b.exceptions import NotFoundException
 
 from corral.core.settings import load_settings
-from tests.conftest import ServerProcess
+from tests.conftest import NEEDS_EXEC_AGENT, ServerProcess
 from tests.security._probes import run, run_python, sha256_file
-from tests.security.conftest import DEFAULT_RUNTIME, SandboxFactory, sdk_opts
+from tests.security.conftest import SandboxFactory, sdk_opts
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(
-        DEFAULT_RUNTIME != "crun" or os.environ.get("CORRAL_EXEC_AGENT", "1") in ("0", "off"),
-        reason="the exec agent runs with crun only (and not with CORRAL_EXEC_AGENT=0)",
-    ),
+    NEEDS_EXEC_AGENT,
 ]
 
 PROBE = r"""

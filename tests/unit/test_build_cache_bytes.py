@@ -13,17 +13,17 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from corral.builder.cache import CacheEntry, MemoryBuildCache
+from corral.builder.cache import CacheEntry
 from corral.builder.layer_sizes import layer_disk_bytes, unmeasured
 from corral.builder.retention import CacheBudget, CacheUse, parse_bytes, plan_cache_retention
 from corral.builder.service import TemplateBuildService
 from corral.builder.steps import BuildContext
 from corral.core.settings import Settings, load_settings
-from corral.node.storage.templates import TemplateManifest, TemplateStore
+from corral.node.storage.templates import TemplateManifest
 from corral.server.service import SandboxService
-from corral.server.store import SandboxRow, Store, create_engine, migrate
+from corral.server.store import Store, create_engine, migrate
 from corral.server.store._migrate import _config
-from tests.unit.test_lifecycle_service import FakeNode
+from tests.unit._layer_services import layer_services
 
 NOW = 1_000_000.0
 HOUR = 3600.0
@@ -173,23 +173,8 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def parts(settings: Settings) -> Iterator[tuple[SandboxService, TemplateBuildService]]:
-    store = Store.open(settings)
-    templates = TemplateStore(settings)
-    sandboxes = SandboxService(settings, store, FakeNode(settings.layers_dir), templates, SandboxRow)
-    builder = TemplateBuildService(
-        settings,
-        None,
-        templates,
-        cache=MemoryBuildCache(),
-        executor=object(),
-        cache_budget=CacheBudget(max_age_s=1000 * HOUR, max_entries=100, max_bytes=3 * MIB),
-        own_layer=store.add_owned_layer,
-        collect_layers=sandboxes.collect_layers,
-        layer_sizes=store,
-    )
-    sandboxes.layer_holders.append(builder.layers_to_keep)
-    yield sandboxes, builder
-    store.close()
+    with layer_services(settings, CacheBudget(max_age_s=1000 * HOUR, max_entries=100, max_bytes=3 * MIB)) as both:
+        yield both
 
 
 def _layer(settings: Settings, store: Store | None, n: int, mib: int) -> str:

@@ -15,10 +15,9 @@ from corral.builder.retention import CacheBudget, CacheUse, plan_cache_retention
 from corral.builder.service import TemplateBuildService
 from corral.builder.steps import BuildContext
 from corral.core.settings import Settings, load_settings
-from corral.node.storage.templates import TemplateManifest, TemplateStore
+from corral.node.storage.templates import TemplateManifest
 from corral.server.service import SandboxService
-from corral.server.store import SandboxRow, Store
-from tests.unit.test_lifecycle_service import FakeNode
+from tests.unit._layer_services import layer_services
 
 NOW = 1_000_000.0
 HOUR = 3600.0
@@ -92,22 +91,8 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def parts(settings: Settings) -> Iterator[tuple[SandboxService, TemplateBuildService]]:
-    store = Store.open(settings)
-    templates = TemplateStore(settings)
-    sandboxes = SandboxService(settings, store, FakeNode(settings.layers_dir), templates, SandboxRow)
-    builder = TemplateBuildService(
-        settings,
-        None,
-        templates,
-        cache=MemoryBuildCache(),
-        executor=object(),
-        cache_budget=CacheBudget(max_age_s=0, max_entries=0),
-        own_layer=store.add_owned_layer,
-        collect_layers=sandboxes.collect_layers,
-    )
-    sandboxes.layer_holders.append(builder.layers_to_keep)
-    yield sandboxes, builder
-    store.close()
+    with layer_services(settings, CacheBudget(max_age_s=0, max_entries=0)) as both:
+        yield both
 
 
 def _layer(settings: Settings, n: int, owner: SandboxService | None = None, kind: str = "build") -> str:

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from corral.builder.cache import CacheEntry, MemoryBuildCache
+from corral.builder.cache import CacheEntry
 from corral.builder.retention import CacheBudget
 from corral.builder.service import TemplateBuildService
 from corral.builder.steps import BuildContext
 from corral.core.sandbox import SandboxState
 from corral.core.settings import Settings, load_settings
-from corral.node.storage.templates import TemplateManifest, TemplateStore
+from corral.node.storage.templates import TemplateManifest
 from corral.server.layer_adoption import ADOPTION_MIN_AGE_S, LayerDir, plan_adoption, scan_layer_dirs
 from corral.server.service import SandboxService
 from corral.server.store import SandboxRow, SnapshotRow, Store
-from tests.unit.test_lifecycle_service import FakeNode
+from tests.unit._layer_services import layer_services
 
 NOW = 1_000_000.0
 OLD = NOW - 2 * 3600
@@ -78,24 +78,8 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def parts(settings: Settings) -> Iterator[tuple[SandboxService, TemplateBuildService]]:
-    store = Store.open(settings)
-    store.ensure_default_team("e2b_" + "3" * 40)
-    templates = TemplateStore(settings)
-    sandboxes = SandboxService(settings, store, FakeNode(settings.layers_dir), templates, SandboxRow)
-    builder = TemplateBuildService(
-        settings,
-        None,
-        templates,
-        cache=MemoryBuildCache(),
-        executor=object(),
-        cache_budget=CacheBudget(max_age_s=3600, max_entries=10),
-        own_layer=store.add_owned_layer,
-        collect_layers=sandboxes.collect_layers,
-        layer_sizes=store,
-    )
-    sandboxes.layer_holders.append(builder.layers_to_keep)
-    yield sandboxes, builder
-    store.close()
+    with layer_services(settings, CacheBudget(max_age_s=3600, max_entries=10)) as both:
+        yield both
 
 
 def _legacy(settings: Settings, n: int, *, age_s: float = 2 * 3600, root: bool = False) -> str:
