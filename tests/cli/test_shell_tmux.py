@@ -83,9 +83,15 @@ def test_interactive_shell(corral_server: ServerProcess, tmux: Tmux) -> None:
         tmux.wait_for("100", whole_line=True)
 
         tmux.run("resize-window", "-t", "shell", "-x", "120", "-y", "30")
-        time.sleep(0.3)  # SIGWINCH reaches the client, which resizes the remote terminal
-        tmux.run("send-keys", "-t", "shell", "clear; tput cols", "Enter")
-        tmux.wait_for("120", whole_line=True)
+        deadline = time.monotonic() + 20  # SIGWINCH reaches the client, which resizes the remote terminal
+        while True:
+            tmux.run("send-keys", "-t", "shell", "clear; tput cols", "Enter")
+            try:
+                tmux.wait_for("120", timeout=1, whole_line=True)
+                break
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
 
         tmux.run("send-keys", "-t", "shell", "C-d")
         tmux.wait_for("SHELL-EXIT=0")

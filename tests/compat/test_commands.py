@@ -150,13 +150,18 @@ def test_exact_bytes_and_replacement_in_the_sdk(sandbox: Sandbox) -> None:
 
 
 def test_background_wait_and_connect_from_another_client(sandbox: Sandbox) -> None:
-    handle = sandbox.commands.run("echo one; sleep 1.5; echo two", background=True)
+    gate = "/tmp/connected-go"  # "two" comes once the second client is connected, however loaded
+    handle = sandbox.commands.run(
+        f"echo one; while [ ! -e {gate} ]; do sleep 0.05; done; echo two", background=True
+    )
     for stdout, _, _ in handle:
         if stdout == "one\n":
             break
     handle.disconnect()  # the first client goes away; the process keeps running
     other = Sandbox.connect(sandbox.sandbox_id)
-    result = other.commands.connect(handle.pid).wait()
+    connected = other.commands.connect(handle.pid)
+    other.commands.run(f"touch {gate}")
+    result = connected.wait()
     assert (result.stdout, result.exit_code) == ("two\n", 0)  # output from the moment of connecting
     ended = other.commands.connect(handle.pid).wait()  # ended < 30 s ago: its end is still there
     assert (ended.stdout, ended.exit_code) == ("", 0)
@@ -287,9 +292,14 @@ def test_timeout_kills_the_process_even_when_the_client_left(sandbox: Sandbox) -
 
 
 def test_client_disconnect_does_not_kill(sandbox: Sandbox) -> None:
-    handle = sandbox.commands.run("sleep 1; echo survived", background=True)
+    gate = "/tmp/survived-go"  # "survived" comes once connected again, however loaded
+    handle = sandbox.commands.run(
+        f"while [ ! -e {gate} ]; do sleep 0.05; done; echo survived", background=True
+    )
     handle.disconnect()
-    assert sandbox.commands.connect(handle.pid).wait().stdout == "survived\n"
+    again = sandbox.commands.connect(handle.pid)
+    sandbox.commands.run(f"touch {gate}")
+    assert again.wait().stdout == "survived\n"
 
 
 def test_stream_input(sandbox: Sandbox) -> None:

@@ -64,13 +64,18 @@ async def test_background_connect_from_another_client(asandbox: AsyncSandbox) ->
         if text == "one\n":
             got_one.set()
 
+    gate = "/tmp/connected-go"  # "two" comes once the second client is connected, however loaded
     handle = await asandbox.commands.run(
-        "echo one; sleep 1.5; echo two", background=True, on_stdout=on_stdout
+        f"echo one; while [ ! -e {gate} ]; do sleep 0.05; done; echo two",
+        background=True,
+        on_stdout=on_stdout,
     )
     await asyncio.wait_for(got_one.wait(), 10)
     await handle.disconnect()
     other = await AsyncSandbox.connect(asandbox.sandbox_id)
-    result = await (await other.commands.connect(handle.pid)).wait()
+    connected = await other.commands.connect(handle.pid)
+    await other.commands.run(f"touch {gate}")
+    result = await connected.wait()
     assert (result.stdout, result.exit_code) == ("two\n", 0)
     ended = await (await other.commands.connect(handle.pid)).wait()
     assert (ended.stdout, ended.exit_code) == ("", 0)
@@ -145,8 +150,12 @@ async def test_timeout_kills_the_process(asandbox: AsyncSandbox) -> None:
 async def test_kill_sandbox_mid_stream(e2b_env: Any) -> None:
     sbx = await AsyncSandbox.create(timeout=60)
 
-    async def kill_soon() -> None:
-        await asyncio.sleep(1.0)
+    async def kill_soon() -> None:  # once the command runs (not after a fixed time: it may start late)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if any(p.args[-1] == "sleep 100" for p in await sbx.commands.list()):
+                break
+            await asyncio.sleep(0.05)
         await sbx.kill()
 
     killer = asyncio.ensure_future(kill_soon())

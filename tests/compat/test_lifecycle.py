@@ -176,9 +176,11 @@ def test_paused_sandbox_does_not_expire_and_health_does_not_wake_it(e2b_env) -> 
 
 
 def test_timeout_pause_without_auto_resume_needs_connect(e2b_env) -> None:
-    sbx = Sandbox.create(timeout=2, lifecycle={"on_timeout": "pause", "auto_resume": False})
+    sbx = Sandbox.create(timeout=60, lifecycle={"on_timeout": "pause", "auto_resume": False})
     try:
         sbx.commands.run("python3 -m http.server 8000 >/dev/null 2>&1", background=True)
+        sbx.commands.run(LISTENING_8000)  # serving before the pause, however loaded the machine
+        sbx.set_timeout(1)
         assert _wait(lambda: Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED, timeout=10)
         r = httpx.get(f"{e2b_env.url}/", headers={"Host": f"8000-{sbx.sandbox_id}.localhost"}, timeout=10)
         assert r.status_code == 502

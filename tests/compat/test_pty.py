@@ -101,7 +101,10 @@ async def test_pty_keeps_running_a_foreground_job_after_kill_of_the_shell(asandb
     screen = Screen()
     terminal = await asandbox.pty.create(PtySize(rows=24, cols=80), on_data=screen.feed)
     await asandbox.pty.send_stdin(terminal.pid, b"sleep 300 | cat\n")
-    await asyncio.sleep(0.3)
+    deadline = time.monotonic() + 10  # the job runs (the kill below must find it running)
+    while not (await asandbox.commands.run("pgrep -x sleep || true")).stdout:
+        assert time.monotonic() < deadline, "the foreground job never started"
+        await asyncio.sleep(0.05)
     await asandbox.pty.kill(terminal.pid)
     with pytest.raises(CommandExitException):
         await asyncio.wait_for(terminal.wait(), 10)  # the stream ends although the job held the tty

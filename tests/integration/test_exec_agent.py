@@ -203,7 +203,12 @@ def test_many_concurrent_execs(e2b_env: ServerProcess) -> None:
 
 def test_orphans_are_reaped(sbx: Sandbox) -> None:
     sbx.commands.run("(sleep 0.2 &) ; (true &)")  # grandchildren whose parents are gone: init reaps them
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10  # the sleep has ended (later under load), and init has had a moment
+    while time.monotonic() < deadline:
+        table = sbx.commands.run("ps -eo stat,args").stdout
+        if "sleep 0.2" not in table and not [line for line in table.splitlines() if line.startswith("Z")]:
+            break
+        time.sleep(0.05)
     assert sbx.commands.run("ps -eo stat,args | grep '^Z' || true").stdout == ""
 
 

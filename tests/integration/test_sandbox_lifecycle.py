@@ -65,7 +65,9 @@ def test_sandboxes_are_isolated(e2b_env: ServerProcess) -> None:
     b = Sandbox.create(timeout=60)
     try:
         a.commands.run("echo secret-a > /tmp/mine; sleep 300", background=True)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 15  # the shell runs sleep when it gets to it (later under load)
+        while "sleep 300" not in a.commands.run("ps -eo args").stdout and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert "sleep 300" not in b.commands.run("ps -eo args").stdout
         assert "sleep 300" in a.commands.run("ps -eo args").stdout
         assert b.commands.run("cat /tmp/mine 2>&1 || true").stdout.startswith("cat: /tmp/mine: No such file")
@@ -97,7 +99,11 @@ def test_client_disconnect_does_not_kill_command(e2b_env: ServerProcess) -> None
     try:
         handle = sbx.commands.run("sleep 2; echo done > /tmp/finished", background=True)
         handle.disconnect()
-        time.sleep(3)
+        deadline = time.monotonic() + 20  # 2 s of sleep, however loaded the machine
+        while time.monotonic() < deadline and not (
+            sbx.files.exists("/tmp/finished") and sbx.files.read("/tmp/finished") == "done\n"
+        ):
+            time.sleep(0.1)
         assert sbx.files.read("/tmp/finished") == "done\n"
     finally:
         sbx.kill()

@@ -301,7 +301,7 @@ def test_team_b_sandbox_cannot_reach_team_a_sandbox(make_sandbox: SandboxFactory
     a = make_sandbox()
     b = make_sandbox(api_key=team_b_key)
     a.commands.run("python3 -m http.server 8000 --bind 0.0.0.0", background=True, timeout=0)
-    run(a, "for i in $(seq 50); do (echo > /dev/tcp/127.0.0.1/8000) 2>/dev/null && break; sleep 0.1; done")
+    run(a, "for i in $(seq 300); do (echo > /dev/tcp/127.0.0.1/8000) 2>/dev/null && break; sleep 0.1; done")
     ip_a = run(a, "hostname -I").stdout.split()[0]
     assert _reachable(a, [(ip_a, 8000)]) == [[ip_a, 8000]]  # the control: it listens
     assert _reachable(b, [(ip_a, 8000), (ip_a, 49983), (ip_a, 22)]) == []

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2b import CommandExitException, PtySize, SandboxException
+from e2b import CommandExitException, NotFoundException, PtySize, SandboxException
 
 from corral.core.settings import load_settings
 from corral.node.runtime.oci import SANDBOX_CAPABILITIES
@@ -208,12 +208,20 @@ def test_runtime_binary_stays_intact_cve_2019_5736(
     for _ in range(5):  # each exec starts with /bin/sh (the pid wrapper): the trap fires
         with contextlib.suppress(CommandExitException, SandboxException):
             sbx.commands.run("true", timeout=20)
-    time.sleep(6.5)
+    # The loop's record, through the file API (the sandbox's /bin/sh is the trap now), once its 6 s
+    # are over (they start when python does: later under load). Opening one of the sandbox's own
+    # programs for writing is no escape (gVisor has no ETXTBSY, and sandbox root may rewrite its own
+    # files anyway); opening the runtime or its memfd copy would be.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            opened = json.loads(sbx.files.read("/tmp/opened"))
+            break
+        except (NotFoundException, ValueError):  # not there yet, or not all written yet
+            assert time.monotonic() < deadline, "the overwrite loop never finished"
+            time.sleep(0.2)
     assert {str(p): sha256_file(p) for p in binaries} == before
-    # The loop's record, through the file API (the sandbox's /bin/sh is the trap now). Opening one
-    # of the sandbox's own programs for writing is no escape (gVisor has no ETXTBSY, and sandbox root
-    # may rewrite its own files anyway); opening the runtime or its memfd copy would be.
-    for target, _ in json.loads(sbx.files.read("/tmp/opened")):
+    for target, _ in opened:
         assert not re.search(r"crun|runc|runsc|memfd|catatonit", target), target
 
 

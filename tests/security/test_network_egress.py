@@ -96,7 +96,8 @@ def sh(sbx, command: str) -> str:
 
 def curl(sbx, url: str, resolve: str | None = None) -> str:
     extra = f"--resolve {shlex.quote(resolve)} " if resolve else ""
-    return sh(sbx, f"curl -sS -k --connect-timeout 1 --max-time 4 {extra}{shlex.quote(url)} 2>/dev/null")
+    # 2 s to connect: the allowed controls must not time out on a loaded gVisor run
+    return sh(sbx, f"curl -sS -k --connect-timeout 2 --max-time 5 {extra}{shlex.quote(url)} 2>/dev/null")
 
 
 def tcp(sbx, host: str, port: int) -> str:

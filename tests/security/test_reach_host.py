@@ -124,7 +124,7 @@ def test_other_sandboxes_are_unreachable(corral_server: ServerProcess, make_sand
     b.commands.run("python3 -m http.server 8000 --bind 0.0.0.0", background=True, timeout=0)
     ip_b = run(b, "hostname -I").stdout.split()[0]
     deadline_probe = (
-        "for i in $(seq 50); do (echo > /dev/tcp/127.0.0.1/8000) 2>/dev/null && break; sleep 0.1; done"
+        "for i in $(seq 300); do (echo > /dev/tcp/127.0.0.1/8000) 2>/dev/null && break; sleep 0.1; done"
     )
     run(b, deadline_probe)
     assert _reachable(b, [(ip_b, 8000)]) == [[ip_b, 8000]]

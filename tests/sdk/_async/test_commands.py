@@ -71,9 +71,13 @@ async def test_stdin_and_close_stdin(sandbox: AsyncSandbox) -> None:
 
 
 async def test_disconnect_and_connect(sandbox: AsyncSandbox) -> None:
-    handle = await sandbox.commands.run("sleep 0.5; echo done", background=True)
+    gate = "/tmp/reconnected-go"  # "done" comes once connected again, however loaded
+    handle = await sandbox.commands.run(
+        f"while [ ! -e {gate} ]; do sleep 0.05; done; echo done", background=True
+    )
     await handle.disconnect()
     again = await sandbox.commands.connect(handle.pid)
+    await sandbox.commands.run(f"touch {gate}")
     assert (await again.wait()).stdout == "done\n"
     with pytest.raises(NotFoundException):
         await sandbox.commands.connect(999_999)

@@ -72,9 +72,13 @@ def test_stdin_and_close_stdin(sandbox: Sandbox) -> None:
 
 
 def test_disconnect_and_connect(sandbox: Sandbox) -> None:
-    handle = sandbox.commands.run("sleep 0.5; echo done", background=True)
+    gate = "/tmp/reconnected-go"  # "done" comes once connected again, however loaded
+    handle = sandbox.commands.run(
+        f"while [ ! -e {gate} ]; do sleep 0.05; done; echo done", background=True
+    )
     handle.disconnect()
     again = sandbox.commands.connect(handle.pid)
+    sandbox.commands.run(f"touch {gate}")
     assert (again.wait()).stdout == "done\n"
     with pytest.raises(NotFoundException):
         sandbox.commands.connect(999_999)
