@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
+import os
 import socket
 import socketserver
 import subprocess
@@ -30,13 +32,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from dnslib import QTYPE, RR, A, DNSRecord
 
 from corral.node.network.dns import host_upstreams
 
-__all__ = ["FakeNet", "FakeResolver", "make_ca", "make_cert", "run"]
+__all__ = ["FakeNet", "FakeResolver", "fake_net", "make_ca", "make_cert", "run"]
 
 SERVER = r"""
 import http.server, socketserver, ssl, sys, threading
@@ -210,6 +214,20 @@ class FakeNet:
             self.down()
             raise
         return self
+
+
+@contextlib.contextmanager
+def fake_net(prefix: str, bridge: str, subnet: str) -> Iterator[FakeNet]:
+    """A FakeNet for one test module: named `<prefix><bridge>`, its addresses on the second octet of
+    the test subnet (so runs that differ in bridge and subnet do not meet), down afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    octet = ipaddress.IPv4Network(subnet).network_address.packed[1]
+    net = FakeNet(name=f"{prefix}{bridge}", veth=f"{prefix}{bridge}"[:15], octet=octet).up()
+    try:
+        yield net
+    finally:
+        net.down()
 
 
 class FakeResolver:

@@ -9,19 +9,16 @@ never forwarded), so nothing leaves the machine.
 
 from __future__ import annotations
 
-import ipaddress
-import os
 import shlex
 from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import TEST_BRIDGE, TEST_SUBNET
-from tests.network_fixtures import FakeNet
+from tests.network_fixtures import FakeNet, fake_net
 
 pytestmark = [pytest.mark.timeout(240)]
 
-OCTET = ipaddress.IPv4Network(TEST_SUBNET).network_address.packed[1]
 
 # A DNS query by hand (the template has no DNS tools): prints the rcode the sandbox's resolver gave.
 DNS_QUERY = r"""
@@ -41,13 +38,8 @@ except socket.timeout:
 
 @pytest.fixture(scope="module")
 def inet() -> Iterator[FakeNet]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    net = FakeNet(name=f"fn{TEST_BRIDGE}", veth=f"fn{TEST_BRIDGE}"[:15], octet=OCTET).up()
-    try:
+    with fake_net("fn", TEST_BRIDGE, TEST_SUBNET) as net:
         yield net
-    finally:
-        net.down()
 
 
 def sh(sbx, command: str) -> str:

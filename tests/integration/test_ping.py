@@ -12,9 +12,7 @@ test's fake internet (`tests.network_fixtures.FakeNet`, reached through the node
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -22,11 +20,10 @@ from e2b import CommandExitException, Sandbox
 
 from tests import gvisor
 from tests.conftest import TEST_BRIDGE, TEST_SUBNET, ServerProcess
-from tests.network_fixtures import FakeNet
+from tests.network_fixtures import FakeNet, fake_net
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-OCTET = ipaddress.IPv4Network(TEST_SUBNET).network_address.packed[1]
 
 # Prints {"echo": {target: "reply" | what went wrong}, "raw": "allowed" | errno name, "gid": n}.
 PROBE = r"""
@@ -58,13 +55,8 @@ print(json.dumps({"echo": {t: echo(t) for t in sys.argv[1:]}, "raw": raw(), "gid
 
 @pytest.fixture(scope="module")
 def inet() -> Iterator[FakeNet]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    net = FakeNet(name=f"fp{TEST_BRIDGE}", veth=f"fp{TEST_BRIDGE}"[:15], octet=OCTET).up()
-    try:
+    with fake_net("fp", TEST_BRIDGE, TEST_SUBNET) as net:
         yield net
-    finally:
-        net.down()
 
 
 @pytest.fixture(scope="module")

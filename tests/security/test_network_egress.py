@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import shlex
 import signal
 import socket
@@ -26,13 +25,12 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import TEST_BRIDGE, TEST_SUBNET, ServerProcess
-from tests.network_fixtures import FakeNet, run
+from tests.network_fixtures import FakeNet, fake_net, run
 from tests.security.conftest import SandboxFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.compat, pytest.mark.timeout(240)]
 
 ALL_TRAFFIC = "0.0.0.0/0"
-OCTET = ipaddress.IPv4Network(TEST_SUBNET).network_address.packed[1]
 GATEWAY = str(ipaddress.IPv4Network(TEST_SUBNET).network_address + 1)
 
 DNS_QUERY = r"""
@@ -52,13 +50,8 @@ except socket.timeout:
 
 @pytest.fixture(scope="module")
 def inet() -> Iterator[FakeNet]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    net = FakeNet(name=f"fs{TEST_BRIDGE}", veth=f"fs{TEST_BRIDGE}"[:15], octet=OCTET).up()
-    try:
+    with fake_net("fs", TEST_BRIDGE, TEST_SUBNET) as net:
         yield net
-    finally:
-        net.down()
 
 
 @contextlib.contextmanager
@@ -110,7 +103,9 @@ def test_allow_out_cannot_reopen_always_denied_ranges(make_sandbox: SandboxFacto
     neighbour.commands.run("python3 -m http.server 8080", background=True)
     neighbour_ip = neighbour.commands.run("hostname -I").stdout.split()[0]
     # python needs a moment to listen (seconds on a loaded gVisor run): wait for it, inside
-    neighbour.commands.run("for i in $(seq 300); do curl -s -o /dev/null http://127.0.0.1:8080/ && exit; sleep 0.1; done; exit 1")
+    neighbour.commands.run(
+        "for i in $(seq 300); do curl -s -o /dev/null http://127.0.0.1:8080/ && exit; sleep 0.1; done; exit 1"
+    )
     host_ip = run("ip", "-4", "-o", "addr", "show", "dev", "eth0", check=False).stdout.split()
     host_ip = host_ip[3].split("/")[0] if len(host_ip) > 3 else "192.0.2.2"
     greedy_list = [inet.private, inet.link_local, "172.16.0.0/12", "169.254.0.0/16", "10.0.0.0/8",
