@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from corral.core.errors import CorralError, FailedPrecondition, Internal, NotFound, Unavailable
+from corral.core.errors import CorralError, FailedPrecondition, NotFound, Unavailable
 from corral.core.sandbox import SandboxSpec
 from corral.core.settings import Settings
 from corral.node.cgroups import (
@@ -66,11 +66,12 @@ from corral.node.envd.confined import ConfinedRoot
 from corral.node.envd.context import EnvdSandbox
 from corral.node.envd.process import ProcessTable
 from corral.node.network import resolv_conf_text
+from corral.node.network.in_netns import set_sysctls
 from corral.node.runtime.agent import AGENT_SOCKET, AgentSpawner, listen_agent_socket
 from corral.node.runtime.crun import OciRuntime, RuntimeSpawner
 from corral.node.runtime.idmap import (
+    LOW_PORTS_SYSCTLS,
     IdMap,
-    allow_low_ports,
     idmapped_layers,
     pick_base,
     read_idmap,
@@ -464,7 +465,7 @@ class Node:
         if id_map is not None:  # sandbox root is not host root
             done = await asyncio.gather(  # independent: both finish before a failure is raised
                 asyncio.to_thread(_mount_idmapped_overlay, layers, layout, path, id_map),
-                _allow_low_ports(handle.netns_path),
+                set_sysctls(handle.netns_path, LOW_PORTS_SYSCTLS),
                 return_exceptions=True,
             )
             for outcome in done:
@@ -901,15 +902,6 @@ def _mount_idmapped_overlay(layers: list[Path], layout: _Layout, sandbox_dir: Pa
         apply_mount(Mount(mount.fstype, mount.source, mount.target, mount.options + _OVERLAY_EXTRA_OPTIONS))
     finally:
         release_layers(mapped)  # the overlay keeps private clones of its layers
-
-
-async def _allow_low_ports(netns_path: str) -> None:
-    """The sandbox's netns belongs to the host's user namespace, so root in the sandbox's own user
-    namespace may not bind ports below 1024 there; let everyone in it do so (as Docker does)."""
-    try:
-        await asyncio.to_thread(allow_low_ports, netns_path)  # a setns'd thread, not an nsenter process
-    except OSError as exc:
-        raise Internal(f"cannot allow low ports in {netns_path}: {exc}") from None
 
 
 def _mount_once(mount: Mount) -> None:

@@ -52,7 +52,7 @@ from corral.node.network.dns import (
     start_dns_forwarder,
 )
 from corral.node.network.egress_proxy import EgressProxy
-from corral.node.network.in_netns import write_sysctls
+from corral.node.network.in_netns import set_sysctls
 from corral.node.network.links import (
     DEFAULT_MTU,
     PortInfo,
@@ -525,7 +525,7 @@ class SandboxNetwork:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._ip_batch(inside, netns=att.netns_name))
             tg.create_task(self._run_checked([self._bridge_tool, "-batch", "-"], fdb))
-            tg.create_task(_set_netns_sysctls(att.netns_path))
+            tg.create_task(set_sysctls(att.netns_path, SANDBOX_NETNS_SYSCTLS))
 
     async def _unwire(self, ns: str, veth: str, att: Attachment | PortInfo | None) -> None:
         """Deleting the veth cuts the sandbox off even if a process still holds its namespace;
@@ -649,13 +649,6 @@ class SandboxNetwork:
 
     async def _nft_apply(self, script: str) -> None:
         (await self._nft_run(script)).check()
-
-
-async def _set_netns_sysctls(path: str) -> None:
-    try:
-        await asyncio.to_thread(write_sysctls, path, SANDBOX_NETNS_SYSCTLS)  # a setns'd thread, no process
-    except OSError as exc:
-        raise Internal(f"cannot set sysctls in {path}: {exc}") from None
 
 
 def _write_sysctl(key: str, value: str) -> None:

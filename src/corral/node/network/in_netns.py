@@ -5,19 +5,22 @@ files under /proc/sys/net — belongs to the namespace it is in. A thread of its
 joins back and ends, so no pool thread is ever left in a sandbox's namespace and no `nsenter`
 process is spawned. The caller blocks for the join (the work is a bind or a sysctl write).
 
-`write_sysctls` is the common work: per-namespace `net.*` settings, written from the host's user
+`set_sysctls` is the common work: per-namespace `net.*` settings, written from the host's user
 namespace, which owns the sandbox's netns (root in a sandbox's own user namespace may not).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
-__all__ = ["CLONE_NEWNET", "run_in_netns", "write_sysctls"]
+from corral.core.errors import Internal
+
+__all__ = ["CLONE_NEWNET", "run_in_netns", "set_sysctls"]
 
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
@@ -63,9 +66,10 @@ def run_in_netns(netns_path: str, work: Callable[[], T], *, name: str = "corral-
     return outcome[0]
 
 
-def write_sysctls(netns_path: str, values: Mapping[str, str], *, name: str = "corral-netns-sysctl") -> None:
+async def set_sysctls(netns_path: str, values: Mapping[str, str]) -> None:
     """Set `values` (`"net/ipv4/ping_group_range": "0 2147483647"`: keys are paths under /proc/sys)
-    in the network namespace at `netns_path`. OSError on failure."""
+    in the network namespace at `netns_path`, from a setns'd thread (no `nsenter` process).
+    Internal on failure."""
 
     def write() -> None:
         for key, value in values.items():
@@ -75,4 +79,7 @@ def write_sysctls(netns_path: str, values: Mapping[str, str], *, name: str = "co
             finally:
                 os.close(fd)
 
-    run_in_netns(netns_path, write, name=name)
+    try:
+        await asyncio.to_thread(run_in_netns, netns_path, write, name="corral-netns-sysctl")
+    except OSError as exc:
+        raise Internal(f"cannot set {', '.join(values)} in {netns_path}: {exc}") from None

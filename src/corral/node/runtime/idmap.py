@@ -17,7 +17,7 @@ idmapped mounts and shift committed trees back:
   upper layer makes the overlay read-only, so the sandbox's writable layer holds host ids base+N:
   its root directory is chowned to base.
 - crun then runs the sandbox in a new user namespace with that mapping (`IdMap.oci_mappings`).
-  Its network namespace stays the host user namespace's (the node made it), so `allow_low_ports`
+  Its network namespace stays the host user namespace's (the node made it), so `LOW_PORTS_SYSCTLS`
   lets root inside bind ports below 1024 there.
 - Everything the host does in a sandbox's tree speaks host ids: envd's file API (`ConfinedRoot`
   with an `IdMap`) chowns to `to_host(uid)` and reports `from_host(st_uid)`.
@@ -43,14 +43,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from corral.node.network.in_netns import run_in_netns
-
 __all__ = [
     "FIRST_BASE",
+    "LOW_PORTS_SYSCTLS",
     "OVERFLOW_ID",
     "SANDBOX_IDS",
     "IdMap",
-    "allow_low_ports",
     "config_idmap",
     "idmapped_layers",
     "pick_base",
@@ -238,25 +236,10 @@ def release_layers(targets: Iterable[Path]) -> None:
             pass
 
 
-_LOW_PORTS_SYSCTL = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
-
-
-def allow_low_ports(netns_path: str) -> None:
-    """Let everyone in the network namespace at `netns_path` bind ports below 1024 (as Docker does).
-
-    The sandbox's netns belongs to the host's user namespace, so root in the sandbox's own user
-    namespace has no CAP_NET_BIND_SERVICE there. /proc/sys/net is the namespace of the thread
-    that opens it (`corral.node.network.in_netns`). OSError on failure.
-    """
-
-    def write_sysctl() -> None:
-        fd = os.open(_LOW_PORTS_SYSCTL, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, b"0\n")
-        finally:
-            os.close(fd)
-
-    run_in_netns(netns_path, write_sysctl, name="corral-netns-sysctl")
+# The sandbox's netns belongs to the host's user namespace, so root in the sandbox's own user
+# namespace has no CAP_NET_BIND_SERVICE there: everyone in it may bind ports below 1024 (as Docker
+# does). Set with `corral.node.network.in_netns.set_sysctls`.
+LOW_PORTS_SYSCTLS = {"net/ipv4/ip_unprivileged_port_start": "0"}
 
 
 def config_idmap(config: dict[str, Any]) -> IdMap | None:
