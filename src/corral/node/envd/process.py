@@ -42,7 +42,14 @@ from corral.core.errors import CorralError, FailedPrecondition, InvalidArgument,
 from corral.core.sandbox import DEFAULT_USER
 from corral.node.envd.context import EnvdSandbox
 from corral.node.runtime._fdio import read_chunk
-from corral.node.runtime.base import ExitStatus, PtySize, SpawnedProcess, SpawnRequest, UserIds
+from corral.node.runtime.base import (
+    MAX_DESCRIPTION,
+    ExitStatus,
+    PtySize,
+    SpawnedProcess,
+    SpawnRequest,
+    UserIds,
+)
 from corral.spec._generated.process import process_connect
 from corral.spec._generated.process import process_pb as pb
 
@@ -67,7 +74,6 @@ log = logging.getLogger(__name__)
 
 RETAIN_ENDED_S = 30.0
 ADOPTED_HOLD_S = 120.0  # an adopted process's output waits this long for a Connect before it is read
-MAX_DESCRIPTION = 16 << 10  # corral.node.runtime.agent.MAX_DESCRIPTION: larger ones lose envs, then args
 DEFAULT_KEEPALIVE_S = 90.0
 CHANNEL_CHUNKS = 16  # per subscriber: at most 16 reads (≤ 64 KiB each) waiting to be sent
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

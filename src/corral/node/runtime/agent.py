@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from corral.core.errors import Internal, InvalidArgument
-from corral.node.runtime.base import ExitStatus, SpawnRequest
+from corral.node.runtime.base import MAX_DESCRIPTION, ExitStatus, SpawnRequest
 from corral.node.runtime.process_io import ProcessIo
 
 __all__ = [
@@ -91,7 +91,6 @@ _SPAWN_FIXED = struct.Struct("=IIIIIIIIIHH")  # the same with desclen after envc
 _TWO = struct.Struct("=IIII")  # header + two u32: HELLO, FAILED, EXIT, ADOPTED; also SIGNAL
 _ONE = struct.Struct("=III")  # header + one u32: SPAWNED; also CLOSE_STDIN
 _PROCESS_FIXED = struct.Struct("=IIIIII")  # header, pid, flags, wait status, desclen
-MAX_DESCRIPTION = 16 << 10  # corral-init.c MAX_DESCRIPTION
 _MAX_KEPT = 1024  # corral-init.c MAX_KEPT: an ADOPT brings at most this many processes
 MAX_GROUPS = 1024  # corral-init.c MAX_GROUPS
 MAX_REQUEST = 1 << 20  # corral-init.c MAX_REQUEST (what its HELLO says, unless it lies)

@@ -13,7 +13,10 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-__all__ = ["ExitStatus", "PtySize", "SpawnRequest", "SpawnedProcess", "Spawner", "UserIds"]
+__all__ = ["MAX_DESCRIPTION", "ExitStatus", "PtySize", "SpawnRequest", "SpawnedProcess", "Spawner", "UserIds"]
+
+# The longest `SpawnRequest.description` a runtime keeps (the exec agent: native/corral-init.c).
+MAX_DESCRIPTION = 16 << 10
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
